@@ -1,0 +1,211 @@
+"""Run directories: everything needed to rebuild a trained model, and nothing executable.
+
+A run directory holds::
+
+    RUN/config.json       JSON, written last (its presence marks a complete run):
+        format            "caer-kit-run", format_version 1
+        kind              train-head | finetune | import-official
+        caer_kit_version  the version that wrote it
+        model             HeadConfig fields (heads.model.HeadConfig)
+        clip              {spec, revision, dir, weights_digest, image_encoder_trained}:
+                          spec and revision name the
+                          CLIP the run was built from (a cache's clip_spec/clip_revision); dir is
+                          "clip" when the CLIP is stored in RUN/clip (random:, imported or
+                          fine-tuned CLIPs), else null and spec is loaded with the shared
+                          loader. load_run checks the revision, or for RUN/clip the
+                          weights_digest (which differs from revision after finetune), so a
+                          changed CLIP is refused
+        labels            the label set (pipeline.labels.LabelSet.as_dict)
+        prompts           {token_ids: [C][L]}: the exact prompt tokens, so loading never
+                          re-tokenizes (an imported CLIP has no real BPE vocabulary)
+        preprocessing     what a cache or input must match: normalize ("clip" | "none"),
+                          face_resize, face_margin, segments, image_size, ...
+        cache_fingerprint the fingerprint of the cache it was trained on (null if none)
+        train             every training option
+        extra             anything else the writer records (e.g. import provenance)
+    RUN/head.safetensors  CaerModel.trainable_state_dict(): temporal encoders, fusion, prompt
+                          context, the prompts' frozen token embeddings; the image encoder's
+                          weights are not repeated here when RUN/clip holds them
+    RUN/clip/             CLIPModel.save_pretrained + tokenizer.save_pretrained (optional)
+
+Training runs add metrics.jsonl, curves.png and checkpoints/ (heads/train.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+
+from heads.model import CaerModel, HeadConfig
+from pipeline import __version__
+from pipeline.clip import LoadedClip, load_clip, weights_digest
+from pipeline.errors import CaerError
+from pipeline.labels import LabelSet, LabelSetError
+
+log = logging.getLogger("caer")
+
+FORMAT = "caer-kit-run"
+FORMAT_VERSION = 1
+CONFIG, WEIGHTS, CLIP_DIR = "config.json", "head.safetensors", "clip"
+# Cache fingerprint fields that decide what the model sees; evaluate compares them.
+PREPROCESSING_KEYS = ("normalize", "face_resize", "face_margin", "segments", "image_size")
+_IMAGE_ENCODER = ("clip.vision_model.", "clip.visual_projection.")
+
+
+class RunError(CaerError):
+    pass
+
+
+def save_run(directory: str | os.PathLike, model: CaerModel, *, kind: str, train_options: dict,
+             cache_fingerprint: dict | None, extra: dict | None = None,
+             save_clip: bool | None = None, preprocessing: dict | None = None) -> Path:
+    """Write ``model`` as a run directory (see the module docstring) and return its path.
+
+    ``save_clip`` defaults to: copy the CLIP when it is ``random:``, imported
+    (kind import-official) or fine-tuned; otherwise reference its spec.
+    ``preprocessing`` overrides the fields taken from ``cache_fingerprint``.
+    """
+    directory = Path(directory)
+    if save_clip is None:
+        save_clip = (model.clip_spec.startswith("random:") or kind in ("import-official", "finetune")
+                     or model.image_encoder_trained)
+    prep = {k: cache_fingerprint[k] for k in PREPROCESSING_KEYS if k in (cache_fingerprint or {})}
+    if prep.get("normalize", model.normalize) != model.normalize:
+        log.warning("the cache was built with normalize=%s but the model uses %s",
+                    prep["normalize"], model.normalize)
+    prep.update(normalize=model.normalize, segments=model.config.segments,
+                image_size=int(model.clip.config.vision_config.image_size))
+    prep.update(preprocessing or {})
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG).unlink(missing_ok=True)  # an interrupted save leaves no config.json
+    clip_info = {"spec": model.clip_spec, "revision": model.clip_revision, "dir": None,
+                 "weights_digest": None, "image_encoder_trained": model.image_encoder_trained}
+    if save_clip:
+        LoadedClip(model.clip, model.tokenizer, model.clip_spec, model.clip_revision).save(
+            directory / CLIP_DIR)
+        clip_info.update(dir=CLIP_DIR, weights_digest=weights_digest(model.clip))
+
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()
+             if not (save_clip and k.startswith(_IMAGE_ENCODER))}
+    tmp = directory / (WEIGHTS + ".tmp")
+    save_file(state, str(tmp), metadata={"format": FORMAT, "kind": kind})
+    tmp.replace(directory / WEIGHTS)
+
+    config = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
+        "caer_kit_version": __version__,
+        "model": asdict(model.config),
+        "clip": clip_info,
+        "labels": model.labels.as_dict(),
+        "prompts": {"token_ids": model.prompt_learner.token_ids.cpu().tolist()},
+        "preprocessing": prep,
+        "cache_fingerprint": cache_fingerprint,
+        "train": train_options,
+        "extra": extra or {},
+    }
+    tmp = directory / (CONFIG + ".tmp")
+    text = json.dumps(config, indent=2, default=str)
+    # One line per prompt's token ids instead of one line per id.
+    text = re.sub(r"\[\s+(-?\d+(?:,\s+-?\d+)*)\s+\]",
+                  lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text)
+    tmp.write_text(text + "\n", encoding="utf-8")
+    tmp.replace(directory / CONFIG)
+    return directory
+
+
+def read_run_config(directory: str | os.PathLike) -> dict:
+    """The run's config.json, checked for format; a missing or unreadable one is refused."""
+    directory = Path(directory)
+    path = directory / CONFIG
+    if not directory.is_dir():
+        raise RunError(f"run {directory}: no such directory; pass the --out directory of "
+                       f"train-head, finetune or import-official")
+    if not path.is_file():
+        raise RunError(f"run {directory}: no {CONFIG}; it is not a run directory or its save was "
+                       f"interrupted; train again or pass another run")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RunError(f"run {directory}: {CONFIG} is corrupt ({err}); restore it or train "
+                       f"again") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise RunError(f"run {directory}: {CONFIG} is not a caer-kit run config")
+    if config.get("format_version", 0) > FORMAT_VERSION:
+        raise RunError(f"run {directory}: written by caer-kit {config.get('caer_kit_version')} "
+                       f"(run format {config['format_version']}); upgrade caer-kit to read it")
+    return config
+
+
+def load_run(directory: str | os.PathLike, device: str | torch.device = "cpu") -> CaerModel:
+    """Rebuild a run's model from its directory alone, in eval mode on ``device``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config = read_run_config(directory)
+    where = f"run {directory}"
+    try:
+        known = {f.name for f in fields(HeadConfig)}
+        unknown = set(config["model"]) - known
+        if unknown:
+            raise RunError(f"{where}: unknown model options {sorted(unknown)}; upgrade caer-kit")
+        head_config = HeadConfig(**config["model"])
+        labels = LabelSet.from_dict(config["labels"], source=f"{where} labels")
+        clip_info, prep = config["clip"], config["preprocessing"]
+        token_ids = torch.tensor(config["prompts"]["token_ids"], dtype=torch.long)
+    except (KeyError, TypeError, ValueError, LabelSetError) as err:
+        raise RunError(f"{where}: {CONFIG} is incomplete or malformed ({type(err).__name__}: "
+                       f"{err}); train again or restore the file") from None
+
+    if clip_info.get("dir"):
+        clip_dir = directory / clip_info["dir"]
+        if not clip_dir.is_dir():
+            raise RunError(f"{where}: its CLIP directory {clip_dir} is missing; copy the whole "
+                           f"run directory, not only config.json and {WEIGHTS}")
+        clip = load_clip(str(clip_dir))
+        if clip_info.get("weights_digest") and clip.revision != clip_info["weights_digest"]:
+            raise RunError(f"{where}: the weights in {clip_dir} differ from those saved with the "
+                           f"run (digest {clip.revision} != {clip_info['weights_digest']}); the "
+                           f"run directory was modified or corrupted")
+        clip.spec, clip.revision = clip_info["spec"], clip_info["revision"]
+    else:
+        clip = load_clip(clip_info["spec"])
+        if clip.revision != clip_info["revision"]:
+            raise RunError(f"{where}: CLIP {clip_info['spec']} is now revision {clip.revision}, "
+                           f"but the run was trained with {clip_info['revision']}; load that "
+                           f"revision (e.g. a saved copy: --clip DIR) or train again")
+
+    model = CaerModel(head_config, clip, labels, normalize=prep.get("normalize", "clip"),
+                      prompt_token_ids=token_ids)
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise RunError(f"{where}: {WEIGHTS} is missing; train again or restore it")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise RunError(f"{where}: {WEIGHTS} is corrupt ({err}); train again or restore "
+                       f"it") from None
+    own = model.state_dict()
+    expected = {k for k in model.trainable_state_dict() if not k.startswith(_IMAGE_ENCODER)}
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(state) & set(own) if state[k].shape != own[k].shape)
+    if missing or unexpected or wrong:
+        detail = "; ".join(f"{name}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                           for name, keys in (("missing", missing), ("unexpected", unexpected),
+                                              ("wrong shape", wrong)) if keys)
+        raise RunError(f"{where}: {WEIGHTS} does not match {CONFIG} ({detail}); the files come "
+                       f"from different runs")
+    model.load_state_dict(state, strict=False)
+    model.image_encoder_trained = (bool(clip_info.get("image_encoder_trained"))
+                                   or any(k.startswith(_IMAGE_ENCODER) for k in state))
+    return model.to(device).eval()

@@ -1,0 +1,266 @@
+"""import-official: safe reading of the release's pickles, CLIP conversion, exact parity."""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import os
+import pickle
+import subprocess
+import uuid
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli import main
+from heads import load_run
+from heads.official import (CheckpointError, _Inert, convert_openai_clip,
+                            load_official_checkpoint, prompt_token_ids_from_checkpoint)
+from pipeline.clip import _pooled
+from tests.conftest import REFERENCE_DIR
+
+CHECKPOINT = REFERENCE_DIR / "model_best.pth"
+
+
+def write_torch_zip(path, payload: bytes, storages: dict[str, bytes] | None = None):
+    """A file laid out like torch.save's zip archive, with a hand-made data.pkl."""
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", payload)
+        archive.writestr("archive/byteorder", "little")
+        archive.writestr("archive/version", "3\n")
+        for key, raw in (storages or {}).items():
+            archive.writestr(f"archive/data/{key}", raw)
+    return path
+
+
+class _Call:
+    """Pickles as a call of ``function(*args)``: what an attacker's object does."""
+
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+    def __call__(self, *args):  # pickle wants a callable; only its __reduce__ is ever used
+        raise AssertionError("never called")
+
+
+def _marker():
+    return f"/tmp/pwned_{uuid.uuid4().hex}"
+
+
+@pytest.mark.parametrize("make_payload", [
+    lambda m: _Call(os.system, f"touch {m}"),
+    lambda m: _Call(eval, f"__import__('os').system('touch {m}')"),
+    lambda m: _Call(subprocess.check_call, ["touch", m]),
+    lambda m: _Call(_Call(getattr, _Call(__import__, "os"), "system"), f"touch {m}"),
+    lambda m: _Call(importlib.import_module, "antigravity"),
+], ids=["os.system", "builtins.eval", "subprocess", "getattr", "importlib"])
+def test_malicious_pickles_are_refused_and_nothing_runs(tmp_path, make_payload):
+    marker = _marker()
+    payload = pickle.dumps({"state_dict": {}, "recorder": make_payload(marker)}, protocol=2)
+    checkpoint = write_torch_zip(tmp_path / "evil.pth", payload)
+    result = CliRunner().invoke(main, ["import-official", str(checkpoint), "--out",
+                                       str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert "refused" in result.output and "Nothing from the file was executed" in result.output
+    assert not os.path.exists(marker)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_classes_become_inert_even_when_called(tmp_path):
+    marker = _marker()
+    # __main__.touch would run a command if it were resolved; here it must stay inert, whether
+    # called (REDUCE), instantiated (NEWOBJ) or restored (BUILD).
+    payload = (b"\x80\x02}q\x00(X\x01\x00\x00\x00aq\x01c__main__\ntouch\nq\x02X"
+               + len(marker).to_bytes(4, "little") + marker.encode()
+               + b"\x85R"  # touch(marker)
+               + b"X\x01\x00\x00\x00b"
+               + b"c__main__\nRecorderMeter\n)\x81}X\x01\x00\x00\x00xK\x01sb"  # NEWOBJ + BUILD
+               + b"u.")
+    obj = load_official_checkpoint(write_torch_zip(tmp_path / "odd.pth", payload))
+    assert isinstance(obj["a"], _Inert) and isinstance(obj["b"], _Inert)
+    assert "RecorderMeter" in repr(obj["b"]) and not hasattr(obj["b"], "x")
+    assert not os.path.exists(marker)
+
+
+def test_tensors_are_rebuilt_from_the_archive_storages(tmp_path):
+    buffer = io.BytesIO()
+    tensors = {"w": torch.arange(12, dtype=torch.float32).view(3, 4), "n": torch.tensor([7, 8])}
+    tensors["t"] = tensors["w"].t()  # a view sharing storage, non-contiguous
+    torch.save(tensors, buffer)
+    path = tmp_path / "plain.pth"
+    path.write_bytes(buffer.getvalue())
+    loaded = load_official_checkpoint(path)
+    for name, tensor in tensors.items():
+        assert torch.equal(loaded[name], tensor) and loaded[name].dtype == tensor.dtype
+
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="not a torch.save zip"):
+        load_official_checkpoint(junk)
+    with zipfile.ZipFile(path, "a") as archive:  # a storage that does not hold the tensor
+        name = next(n for n in archive.namelist() if "/data/" in n)
+    truncated = tmp_path / "truncated.pth"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(truncated, "w") as dst:
+        for item in src.namelist():
+            dst.writestr(item, src.read(item)[:4] if item == name else src.read(item))
+    with pytest.raises(CheckpointError, match="malformed"):
+        load_official_checkpoint(truncated)
+
+
+def _openai_from_hf(model) -> dict:
+    """The inverse of the conversion, written independently: HF CLIPModel -> OpenAI keys."""
+    sd, out = model.state_dict(), {}
+    for tower, src, dst in (("v", "vision_model.encoder.layers.", "visual.transformer.resblocks."),
+                            ("t", "text_model.encoder.layers.", "transformer.resblocks.")):
+        n = sum(1 for k in sd if k.startswith(src) and k.endswith("self_attn.q_proj.weight"))
+        for i in range(n):
+            s, d = f"{src}{i}.", f"{dst}{i}."
+            for kind in ("weight", "bias"):
+                out[f"{d}attn.in_proj_{kind}"] = torch.cat(
+                    [sd[f"{s}self_attn.{p}_proj.{kind}"] for p in "qkv"])
+                out[f"{d}attn.out_proj.{kind}"] = sd[f"{s}self_attn.out_proj.{kind}"]
+                out[f"{d}ln_1.{kind}"] = sd[f"{s}layer_norm1.{kind}"]
+                out[f"{d}ln_2.{kind}"] = sd[f"{s}layer_norm2.{kind}"]
+                out[f"{d}mlp.c_fc.{kind}"] = sd[f"{s}mlp.fc1.{kind}"]
+                out[f"{d}mlp.c_proj.{kind}"] = sd[f"{s}mlp.fc2.{kind}"]
+    out.update({
+        "visual.class_embedding": sd["vision_model.embeddings.class_embedding"],
+        "visual.conv1.weight": sd["vision_model.embeddings.patch_embedding.weight"],
+        "visual.positional_embedding": sd["vision_model.embeddings.position_embedding.weight"],
+        "visual.ln_pre.weight": sd["vision_model.pre_layrnorm.weight"],
+        "visual.ln_pre.bias": sd["vision_model.pre_layrnorm.bias"],
+        "visual.ln_post.weight": sd["vision_model.post_layernorm.weight"],
+        "visual.ln_post.bias": sd["vision_model.post_layernorm.bias"],
+        "visual.proj": sd["visual_projection.weight"].t(),
+        "token_embedding.weight": sd["text_model.embeddings.token_embedding.weight"],
+        "positional_embedding": sd["text_model.embeddings.position_embedding.weight"],
+        "ln_final.weight": sd["text_model.final_layer_norm.weight"],
+        "ln_final.bias": sd["text_model.final_layer_norm.bias"],
+        "text_projection": sd["text_projection.weight"].t(),
+        "logit_scale": sd["logit_scale"],
+    })
+    return out
+
+
+def test_clip_conversion_infers_every_size():
+    from transformers import CLIPConfig, CLIPModel
+
+    # A ViT-B/16-like layout at toy size: 2 vision heads, 3 vision layers, patch 16 on 48 px,
+    # a short context and a small vocabulary; QuickGELU as in OpenAI's weights.
+    config = CLIPConfig(projection_dim=24, text_config=dict(
+        hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=1,
+        max_position_embeddings=16, vocab_size=100, hidden_act="quick_gelu", eos_token_id=99,
+        bos_token_id=98, pad_token_id=0), vision_config=dict(
+        hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=2,
+        image_size=48, patch_size=16, hidden_act="quick_gelu"))
+    torch.manual_seed(0)
+    original = CLIPModel(config).eval()
+    converted = convert_openai_clip(_openai_from_hf(original))
+    c, v = converted.config.text_config, converted.config.vision_config
+    assert (v.hidden_size, v.num_attention_heads, v.num_hidden_layers, v.patch_size,
+            v.image_size) == (128, 2, 3, 16, 48)
+    assert (c.hidden_size, c.num_attention_heads, c.max_position_embeddings, c.vocab_size) == (64, 1, 16, 100)
+    pixels = torch.randn(2, 3, 48, 48)
+    ids = torch.tensor([[98, 5, 6, 7, 99] + [0] * 11, [98, 9, 99] + [0] * 13])
+    with torch.no_grad():
+        for get, kwargs in (("get_image_features", {"pixel_values": pixels}),
+                            ("get_text_features", {"input_ids": ids})):
+            torch.testing.assert_close(_pooled(getattr(converted, get)(**kwargs)),
+                                       _pooled(getattr(original, get)(**kwargs)))
+
+
+def test_prompt_tokens_and_eot_are_recovered_from_embeddings():
+    g = torch.Generator().manual_seed(0)
+    token_embedding = torch.randn(100, 8, generator=g)
+    ids = torch.zeros(3, 1 + 2 + 12, dtype=torch.long)  # [SOS] ctx ctx descriptor EOT pad(0)
+    ids[:, 0] = 98
+    for row, descriptor in zip(ids, ([5, 6, 7], [9], [11, 12, 13, 14, 15])):
+        row[3:3 + len(descriptor)] = torch.tensor(descriptor)
+        row[3 + len(descriptor)] = 99
+    embedded = token_embedding[ids]
+    prefix, suffix = embedded[:, :1], embedded[:, 3:]
+    # A real release: the prompts' embeddings are rows of the (frozen) token embedding.
+    recovered, exact = prompt_token_ids_from_checkpoint(prefix, suffix, token_embedding, 2, 1)
+    assert exact and torch.equal(recovered[:, 3:], ids[:, 3:])
+    # The token embedding changed after the prompts were embedded: EOT from the structure.
+    moved = token_embedding + 0.3 * torch.randn(100, 8, generator=g)
+    recovered, exact = prompt_token_ids_from_checkpoint(prefix, suffix, moved, 2, 1)
+    assert not exact
+    assert (recovered == 99).int().argmax(1).tolist() == (ids == 99).int().argmax(1).tolist()
+
+
+# ---- the reference produced by the original code -------------------------------------------
+
+def _reference():
+    if not CHECKPOINT.is_file():
+        pytest.skip(f"reference folder {REFERENCE_DIR} is absent (CI keeps it beside the clone)")
+    return np.load(REFERENCE_DIR / "inputs_and_logits.npz")
+
+
+@pytest.fixture(scope="module")
+def imported_run(tmp_path_factory):
+    _reference()
+    run = tmp_path_factory.mktemp("official") / "run"
+    result = CliRunner().invoke(main, ["import-official", str(CHECKPOINT), "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    return run
+
+
+def test_reference_checkpoint_loads_without_its_training_script():
+    _reference()
+    checkpoint = load_official_checkpoint(CHECKPOINT)
+    assert set(checkpoint) == {"epoch", "state_dict", "best_acc", "optimizer", "recorder"}
+    assert isinstance(checkpoint["recorder"], _Inert)
+    keys = [line.split("\t")[0] for line in
+            (REFERENCE_DIR / "state_dict_keys.txt").read_text().splitlines() if line.strip()]
+    assert list(checkpoint["state_dict"]) == keys
+    assert checkpoint["state_dict"]["project_fc.weight"].shape == (512, 1024)
+
+
+def test_imported_run_reproduces_the_original_logits(imported_run):
+    reference = _reference()
+    model = load_run(imported_run)
+    face = torch.from_numpy(reference["face_uint8"]).float() / 255
+    context = torch.from_numpy(reference["context_uint8"]).float() / 255
+    with torch.no_grad():
+        logits = model.forward_pixels(face, context)
+        text = model.encode_text()
+    torch.testing.assert_close(logits, torch.from_numpy(reference["logits"]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(text, torch.from_numpy(reference["text_features"]), atol=1e-5, rtol=0)
+    assert logits.argmax(1).tolist() == reference["logits"].argmax(1).tolist()
+
+
+def test_imported_run_records_the_original_setup(imported_run):
+    reference = _reference()
+    config = json.loads((imported_run / "config.json").read_text())
+    assert config["kind"] == "import-official" and config["labels"]["name"] == "raer5"
+    assert config["preprocessing"]["normalize"] == "none"
+    assert config["preprocessing"]["face_resize"] == "squash"
+    assert config["model"]["segments"] == 16 and config["model"]["n_ctx"] == 8
+    assert config["extra"]["source"]["epoch"] == 20
+    # EOT positions come from the checkpoint alone and agree with the original tokenizer.
+    ids = np.array(config["prompts"]["token_ids"])
+    expected = reference["tokenized_prompts"]
+    assert ids.argmax(1).tolist() == expected.argmax(1).tolist()
+    assert (ids[:, :9] == expected[:, :9]).all()
+    # RUN/clip is a CLIP directory the shared loader (and so `extract --clip`) accepts.
+    from pipeline.clip import load_clip
+    clip = load_clip(str(imported_run / "clip"))
+    assert clip.feature_dim == 512 and clip.model.config.vision_config.hidden_act == "quick_gelu"
+    assert not any(p.suffix in (".pth", ".pt", ".bin") for p in imported_run.rglob("*"))
+
+
+def test_import_refuses_a_wrong_label_set_and_an_existing_out(imported_run, tmp_path):
+    result = CliRunner().invoke(main, ["import-official", str(CHECKPOINT), "--out",
+                                       str(tmp_path / "r"), "--labels", "caer7"])
+    assert result.exit_code == 2 and "7 classes but the checkpoint has 5" in result.output
+    assert not (tmp_path / "r").exists()
+    result = CliRunner().invoke(main, ["import-official", str(CHECKPOINT), "--out", str(imported_run)])
+    assert result.exit_code == 2 and "--force" in result.output
