@@ -71,7 +71,8 @@ def write_video(path: Path, frames: np.ndarray, fps: int = 25, codec: str = "lib
         if options:
             stream.options = options
         if rotation is not None:
-            stream.metadata["rotate"] = str(rotation)
+            # Display matrix rotation is counter-clockwise; the old "rotate" tag clockwise.
+            stream.set_display_rotation(-rotation)
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)

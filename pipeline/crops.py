@@ -1,0 +1,105 @@
+"""Face and context crops (uint8, 224x224) and the pixel normalisation CLIP sees.
+
+Resizing uses PIL's bicubic filter: CLIP's own preprocessing resizes with bicubic, so crops
+look like the images CLIP was trained on. (PIL's bicubic antialiases when it shrinks, which a
+1920x1080 frame going down to 224 needs.)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+RESIZE_MODES = ("squash", "letterbox")
+
+
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise TypeError(f"expected a uint8 image, got {image.dtype}")
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    elif image.ndim == 3 and image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    elif image.ndim == 3 and image.shape[2] == 4:
+        image = image[:, :, :3]
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an image [H, W] or [H, W, 3], got shape {image.shape}")
+    return image
+
+
+def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    if image.shape[1] == width and image.shape[0] == height:
+        return np.ascontiguousarray(image)
+    return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize(
+        (width, height), Image.BICUBIC))
+
+
+def letterbox(rgb: np.ndarray, size: int = 224) -> np.ndarray:
+    """The longer side resized to ``size``, centred on a black ``size x size`` square."""
+    rgb = _as_rgb(rgb)
+    h, w = rgb.shape[:2]
+    scale = size / max(h, w)
+    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    out = np.zeros((size, size, 3), np.uint8)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    out[top:top + new_h, left:left + new_w] = _resize(rgb, new_w, new_h)
+    return out
+
+
+def crop_box(box, width: int, height: int, margin: int = 20) -> tuple[int, int, int, int]:
+    """``box`` (x0, y0, x1, y1) grown by ``margin`` pixels each side, rounded outwards to whole
+    pixels and clamped to the image. Returns integer (x0, y0, x1, y1), x1/y1 exclusive."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    x0 = int(np.clip(np.floor(x0 - margin), 0, width - 1))
+    y0 = int(np.clip(np.floor(y0 - margin), 0, height - 1))
+    x1 = int(np.clip(np.ceil(x1 + margin), x0 + 1, width))
+    y1 = int(np.clip(np.ceil(y1 + margin), y0 + 1, height))
+    return x0, y0, x1, y1
+
+
+def face_crop(rgb: np.ndarray, box=None, margin: int = 20, size: int = 224,
+              resize: str = "squash") -> np.ndarray:
+    """The face region as uint8 ``[size, size, 3]``.
+
+    ``box`` is (x0, y0, x1, y1) in pixels; it grows by ``margin`` pixels each side and is
+    clamped to the image. ``None`` (no face found) crops the whole frame; the caller records
+    that. ``resize="squash"`` stretches the crop to a square as the original does;
+    ``"letterbox"`` keeps its aspect ratio and pads with black.
+    """
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    rgb = _as_rgb(rgb)
+    if box is not None:
+        x0, y0, x1, y1 = crop_box(box, rgb.shape[1], rgb.shape[0], margin)
+        rgb = rgb[y0:y1, x0:x1]
+    if resize == "letterbox":
+        return letterbox(rgb, size)
+    return _resize(rgb, size, size)
+
+
+def normalize_pixels(x: torch.Tensor, normalize: str = "clip") -> torch.Tensor:
+    """``x`` float in [0, 1] with channels at dim -3 (``[..., 3, H, W]``). ``"clip"`` applies
+    CLIP's mean/std; ``"none"`` leaves [0, 1] values, as the original code fed them."""
+    if normalize == "none":
+        return x
+    if normalize != "clip":
+        raise ValueError(f"normalize must be 'clip' or 'none', got {normalize!r}")
+    from pipeline.clip import CLIP_MEAN, CLIP_STD
+
+    mean = torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def to_clip_pixels(images, normalize: str = "clip") -> torch.Tensor:
+    """uint8 images ``[N, H, W, 3]`` (numpy or torch) -> float32 ``[N, 3, H, W]``: [0, 1], then
+    CLIP's mean/std unless ``normalize="none"``."""
+    x = torch.as_tensor(np.asarray(images)) if not torch.is_tensor(images) else images
+    if x.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 images, got {x.dtype}")
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"expected images [N, H, W, 3], got shape {tuple(x.shape)}")
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    return normalize_pixels(x, normalize).contiguous()
