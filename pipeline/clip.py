@@ -213,7 +213,7 @@ def load_clip(spec: str = DEFAULT_CLIP, device: str | torch.device = "cpu") -> L
 def _load_pretrained(source: str, spec: str, local: bool) -> LoadedClip:
     from transformers import AutoTokenizer, CLIPModel
 
-    # Unreachable hub: use the local cache only, instead of retrying for half a minute.
+    # Offline or unreachable hub: use the local cache only, instead of retrying for 25 s.
     cached_only = {} if local or _hub_reachable() else {"local_files_only": True}
     try:
         model = CLIPModel.from_pretrained(source, dtype=torch.float32, **cached_only)
@@ -236,15 +236,16 @@ def _load_pretrained(source: str, spec: str, local: bool) -> LoadedClip:
 
 
 def _hub_reachable() -> bool:
-    """True when a cached copy may be used offline or the hub answers a DNS lookup.
+    """False when the user said offline or the hub's host does not resolve.
 
-    huggingface_hub retries an unreachable host for ~25 s; a lookup fails in milliseconds.
+    HF_HUB_OFFLINE is read here, not only by huggingface_hub at import time, and a failed
+    DNS lookup takes milliseconds where huggingface_hub retries for ~25 s.
     """
     import socket
     from urllib.parse import urlparse
 
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return True
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return False
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
     try:
         socket.getaddrinfo(host, 443)

@@ -1,0 +1,669 @@
+"""The feature store: per-clip CLIP features, face boxes and a manifest, in Zarr or HDF5.
+
+Every array has the clip as its first axis. The layout, every array and every attribute
+are documented in docs/cache-format.md; this module is the only code that knows it.
+
+Crash safety comes from three rules, for Zarr (the format extract writes):
+- every chunk that holds per-clip results covers exactly one clip, so a clip is written
+  by exactly one process (torchrun ranks never share a chunk);
+- a clip's status is written after all its other chunks: a clip that is not ``ok`` or
+  ``failed`` is redone from scratch, and since results are deterministic the redone
+  chunks are identical;
+- zarr's LocalStore writes every key to a temporary file and renames it, so a chunk or a
+  metadata document is either the old or the new one, never torn. The commit point of
+  creating and extending a store is one such write (the root attribute ``n_clips``);
+  arrays may be longer than ``n_clips`` after a killed extension and are read up to it.
+
+HDF5 is written from a Zarr staging store at the end of a run (``PATH.staging.zarr``), so
+a killed ``.h5`` run resumes exactly like a Zarr run and the ``.h5`` appears atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline import __version__
+from pipeline.errors import CaerError
+from pipeline.labels import LabelSet, load_label_set
+
+FORMAT_VERSION = 1
+STATUS_NAMES = ("pending", "ok", "failed")  # stored as int8 codes 0, 1, 2
+STATIC_CHUNK = 1024  # rows per chunk of the columns written once, when clips are added
+H5_SUFFIXES = (".h5", ".hdf5")
+
+
+class StoreError(CaerError):
+    """A store that cannot be opened, created or extended as asked."""
+
+
+def is_hdf5(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in H5_SUFFIXES
+
+
+def staging_path(path: str | os.PathLike) -> Path:
+    """Where a ``.h5`` store is built (as Zarr) before it is written out in one piece."""
+    return Path(str(path) + ".staging.zarr")
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+# Fingerprint key -> the extract option a user changes to change it (for refusal messages).
+FINGERPRINT_OPTIONS = {
+    "format_version": "caer-kit store format",
+    "clip_revision": "--clip",
+    "feature_dim": "--clip",
+    "image_size": "--clip",
+    "segments": "--segments",
+    "candidates": "--candidates",
+    "flip": "--flip",
+    "pixels": "--pixels",
+    "normalize": "--normalize",
+    "face_model": "--face-model",
+    "face_margin": "--face-margin",
+    "min_face_score": "--min-face-score",
+    "face_resize": "--face-resize",
+    "face_boxes": "--face-boxes",
+    "labels": "--labels",
+}
+
+
+def make_fingerprint(*, clip_spec: str, clip_revision: str, feature_dim: int, image_size: int,
+                     segments: int, candidates: int, flip: bool, pixels: bool, normalize: str,
+                     face_model: str, face_margin: int, min_face_score: float,
+                     face_resize: str, face_boxes: str | None, labels: dict | LabelSet) -> dict:
+    """Everything that changes a stored value. ``face_boxes`` is the boxes file's sha256."""
+    if isinstance(labels, LabelSet):
+        labels = labels.as_dict()
+    return {
+        "format_version": FORMAT_VERSION,
+        "clip_spec": str(clip_spec),
+        "clip_revision": str(clip_revision),
+        "feature_dim": int(feature_dim),
+        "image_size": int(image_size),
+        "segments": int(segments),
+        "candidates": int(candidates),
+        "flip": bool(flip),
+        "pixels": bool(pixels),
+        "normalize": str(normalize),
+        "face_model": str(face_model),
+        "face_margin": int(face_margin),
+        "min_face_score": float(min_face_score),
+        "face_resize": str(face_resize),
+        "face_boxes": face_boxes,
+        "labels": labels,
+    }
+
+
+def fingerprint_mismatch(stored: dict, wanted: dict) -> list[str]:
+    """Keys whose values differ. ``clip_spec`` alone is not compared: the same weights
+    under another path or name (``clip_revision``) give the same features."""
+    keys = sorted((set(stored) | set(wanted)) - {"clip_spec"})
+    return [k for k in keys if _canonical(stored.get(k)) != _canonical(wanted.get(k))]
+
+
+def describe_mismatch(stored: dict, wanted: dict, keys: list[str]) -> str:
+    """``--segments (store 16, now 8); --labels (store raer5, now caer7)``."""
+    parts = []
+    for k in keys:
+        option = FINGERPRINT_OPTIONS.get(k, k)
+        a, b = _short(k, stored), _short(k, wanted)
+        parts.append(f"{option} (store {a}, now {b})")
+    return "; ".join(dict.fromkeys(parts))
+
+
+def _short(key: str, fp: dict) -> str:
+    value = fp.get(key)
+    if key == "labels" and isinstance(value, dict):
+        return str(value.get("name"))
+    if key in ("clip_revision", "feature_dim", "image_size"):
+        return f"{fp.get('clip_spec')} [{key} {value}]"
+    return json.dumps(value)
+
+
+def _canonical(value):
+    return json.dumps(value, sort_keys=True)
+
+
+# --------------------------------------------------------------------------- layout
+
+@dataclass(frozen=True)
+class ArraySpec:
+    tail: tuple  # shape after the clip axis
+    dtype: str  # numpy dtype name, or "str"
+    fill: object
+    per_clip: bool  # one clip per chunk (results) or STATIC_CHUNK rows (written when added)
+
+
+def array_specs(fp: dict) -> dict[str, ArraySpec]:
+    """Every array of a store built with fingerprint ``fp``, in a fixed order."""
+    s, k, d, size = fp["segments"], fp["candidates"], fp["feature_dim"], fp["image_size"]
+    specs = {
+        "clips/id": ArraySpec((), "str", "", False),
+        "clips/path": ArraySpec((), "str", "", False),
+        "clips/label": ArraySpec((), "int16", -1, False),
+        "clips/split": ArraySpec((), "str", "", False),
+        "clips/metadata": ArraySpec((), "str", "", False),
+        "clips/listed_frames": ArraySpec((), "int32", -1, False),
+        "clips/status": ArraySpec((), "int8", 0, True),
+        "clips/reason": ArraySpec((), "str", "", True),
+        "clips/note": ArraySpec((), "str", "", True),
+        "clips/n_frames": ArraySpec((), "int32", 0, True),
+        "clips/fps": ArraySpec((), "float32", 0.0, True),
+        "clips/width": ArraySpec((), "int32", 0, True),
+        "clips/height": ArraySpec((), "int32", 0, True),
+        "frames/index": ArraySpec((s, k), "int32", -1, True),
+        "faces/box": ArraySpec((s, k, 4), "float32", math.nan, True),
+        "faces/score": ArraySpec((s, k), "float32", 0.0, True),
+        "faces/found": ArraySpec((s, k), "bool", False, True),
+    }
+    views = ["face", "context"] + (["face_flip", "context_flip"] if fp["flip"] else [])
+    for view in views:
+        specs[f"features/{view}"] = ArraySpec((s, k, d), "float16", 0.0, True)
+    if fp["pixels"]:
+        for stream in ("face", "context"):
+            specs[f"pixels/{stream}"] = ArraySpec((s, k, 3, size, size), "uint8", 0, True)
+    return specs
+
+
+@dataclass
+class ClipRow:
+    """What an annotation file says about one clip (the columns written when it is added)."""
+
+    id: str
+    path: str
+    label: int
+    split: str = ""
+    metadata: dict = field(default_factory=dict)
+    listed_frames: int = -1
+
+
+@dataclass
+class ClipResult:
+    """Everything extract computed for one clip; ``status`` is "ok" or "failed"."""
+
+    status: str
+    reason: str = ""
+    note: str = ""
+    n_frames: int = 0
+    fps: float = 0.0
+    width: int = 0
+    height: int = 0
+    frame_index: np.ndarray | None = None  # int [S, K]
+    box: np.ndarray | None = None  # float [S, K, 4], NaN where no face
+    score: np.ndarray | None = None  # float [S, K]
+    found: np.ndarray | None = None  # bool [S, K]
+    features: dict = field(default_factory=dict)  # "face", "context", ("face_flip", ...)
+    pixels: dict = field(default_factory=dict)  # "face", "context": uint8 [S, K, 3, H, W]
+
+
+# --------------------------------------------------------------------------- reading
+
+class StoredArray:
+    """Rows ``[0, n)`` of a Zarr array or HDF5 dataset, read with numpy indexing.
+
+    ``a[idx]`` takes an int, a slice or a sorted int index array and returns numpy.
+    """
+
+    def __init__(self, array, n: int, is_str: bool):
+        self._array, self._n, self._is_str = array, n, is_str
+        self.shape = (n,) + tuple(array.shape[1:])
+        self.dtype = np.dtype(object) if is_str else np.dtype(array.dtype)
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, key):
+        first = key[0] if isinstance(key, tuple) else key
+        rest = key[1:] if isinstance(key, tuple) else ()
+        if isinstance(first, slice):
+            first = slice(*first.indices(self._n))
+        elif isinstance(first, (int, np.integer)):
+            first = int(first) + self._n if first < 0 else int(first)
+            if not 0 <= first < self._n:
+                raise IndexError(f"clip {first} out of range 0..{self._n - 1}")
+        else:
+            first = np.asarray(first)
+            if first.dtype == bool:
+                first = np.flatnonzero(first)
+            first = first.astype(np.int64)
+            if first.size and (first.min() < 0 or first.max() >= self._n):
+                raise IndexError(f"clip index out of range 0..{self._n - 1}")
+            if first.size and np.any(np.diff(first) <= 0):
+                raise IndexError("index clips with a sorted array of unique indices")
+            if first.size == 0:
+                return np.zeros((0,) + self.shape[1:], self.dtype)
+        array = self._array
+        if self._is_str and hasattr(array, "asstr"):  # h5py returns bytes otherwise
+            array = array.asstr()
+        out = array[(first,) + tuple(rest)]
+        out = np.asarray(out)
+        return out.astype(object) if self._is_str else out
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[:]
+        return out.astype(dtype) if dtype is not None else out
+
+    def __repr__(self) -> str:
+        return f"StoredArray(shape={self.shape}, dtype={self.dtype})"
+
+
+class FeatureStore:
+    """A read-only view of a store (``open_store``). See docs/cache-format.md."""
+
+    def __init__(self, path: Path, root, backend: str):
+        self.path, self._root, self.backend = path, root, backend
+        meta = _read_caer_attrs(root, path)
+        self.n_clips: int = int(meta["n_clips"])
+        self.fingerprint: dict = meta["fingerprint"]
+        self.metadata_columns: list[str] = list(meta.get("metadata_columns", []))
+        self.metadata: dict = dict(_attrs(root).get("metadata", {}))
+        self.labels: LabelSet = load_label_set(self.fingerprint["labels"])
+        self._specs = array_specs(self.fingerprint)
+        self._manifest = None
+
+    # arrays -------------------------------------------------------------
+    def array(self, name: str) -> StoredArray:
+        if name not in self._specs:
+            raise StoreError(f"{self.path}: no array '{name}' in this store "
+                             f"(it has: {', '.join(self._specs)})")
+        return StoredArray(self._root[name], self.n_clips, self._specs[name].dtype == "str")
+
+    def features(self, stream: str, flip: bool = False) -> StoredArray:
+        """float16 ``[N, S, K, D]`` CLIP features of the face or context crops."""
+        if stream not in ("face", "context"):
+            raise StoreError(f"stream must be 'face' or 'context', not '{stream}'")
+        if flip and not self.fingerprint["flip"]:
+            raise StoreError(f"{self.path} holds no flipped views: extract it with --flip")
+        return self.array(f"features/{stream}_flip" if flip else f"features/{stream}")
+
+    def pixels(self, stream: str) -> StoredArray | None:
+        """uint8 ``[N, S, K, 3, 224, 224]`` crops, or None for a store built without --pixels."""
+        if not self.fingerprint["pixels"]:
+            return None
+        return self.array(f"pixels/{stream}")
+
+    @property
+    def frame_indices(self) -> StoredArray:
+        return self.array("frames/index")
+
+    @property
+    def face_boxes(self) -> StoredArray:
+        return self.array("faces/box")
+
+    @property
+    def face_scores(self) -> StoredArray:
+        return self.array("faces/score")
+
+    @property
+    def face_found(self) -> StoredArray:
+        return self.array("faces/found")
+
+    def arrays(self) -> dict[str, tuple[tuple, str]]:
+        """name -> (shape, dtype) of every array, for ``info``."""
+        return {name: (self.array(name).shape, spec.dtype) for name, spec in self._specs.items()}
+
+    @property
+    def status(self) -> np.ndarray:
+        return self.array("clips/status")[:]
+
+    # manifest -----------------------------------------------------------
+    @property
+    def manifest(self) -> pd.DataFrame:
+        """One row per clip in store order (see docs/cache-format.md for the columns)."""
+        if self._manifest is None:
+            self._manifest = _manifest(self)
+        return self._manifest.copy()
+
+    def close(self) -> None:
+        if self.backend == "hdf5":
+            self._root.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({str(self.path)!r}, n_clips={self.n_clips}, backend={self.backend})"
+
+
+def _manifest(store: FeatureStore) -> pd.DataFrame:
+    col = {name.split("/", 1)[1]: store.array(name)[:] for name in store._specs
+           if name.startswith("clips/")}
+    names = store.labels.names
+    labels = col["label"].astype(np.int64)
+    frame = pd.DataFrame({
+        "id": col["id"].astype(str), "path": col["path"].astype(str), "label": labels,
+        "label_name": [names[i] if 0 <= i < len(names) else "" for i in labels],
+        "split": col["split"].astype(str)})
+    metadata = [json.loads(m) if m else {} for m in col["metadata"]]
+    for name in store.metadata_columns:
+        frame[name] = [m.get(name, "") for m in metadata]
+    listed = pd.Series(col["listed_frames"].astype(np.int64), dtype="Int64")
+    frame["listed_frames"] = listed.mask(listed < 0).array  # <NA>: not from a list file
+    for name in ("n_frames", "fps", "width", "height"):
+        frame[name] = col[name]
+    frame["status"] = [STATUS_NAMES[int(s)] for s in col["status"]]
+    frame["reason"] = col["reason"].astype(str)
+    frame["note"] = col["note"].astype(str)
+    return frame
+
+
+def _attrs(root) -> dict:
+    # HDF5 keeps our dict attributes as JSON strings; Zarr keeps JSON natively.
+    out = {}
+    for key, value in dict(root.attrs).items():
+        if isinstance(value, (bytes, str)) and key in ("caer_kit", "metadata"):
+            value = json.loads(value)
+        out[key] = value
+    return out
+
+
+def _read_caer_attrs(root, path) -> dict:
+    meta = _attrs(root).get("caer_kit")
+    if isinstance(meta, str):  # HDF5 keeps it as a JSON string
+        meta = json.loads(meta)
+    if not isinstance(meta, dict) or "fingerprint" not in meta:
+        raise StoreError(f"{path}: not a caer-kit store (no 'caer_kit' attribute)")
+    if meta["fingerprint"].get("format_version") != FORMAT_VERSION:
+        raise StoreError(f"{path}: store format {meta['fingerprint'].get('format_version')}, "
+                         f"this caer-kit reads format {FORMAT_VERSION}; extract it again")
+    return meta
+
+
+def open_store(path: str | os.PathLike, mode: str = "r") -> FeatureStore:
+    """Open a store read-only (``mode="r"``); ``mode="a"`` returns a ``StoreWriter``."""
+    path = Path(path)
+    if mode == "a":
+        return StoreWriter(path)
+    if mode != "r":
+        raise StoreError(f"open_store mode must be 'r' or 'a', not '{mode}'")
+    if not path.exists():
+        hint = (f" (an unfinished run left {staging_path(path)}: run the same extract "
+                f"command again to finish it)" if staging_path(path).exists() else "")
+        raise StoreError(f"{path}: no such store{hint}")
+    if is_hdf5(path):
+        import h5py
+
+        try:
+            root = h5py.File(path, "r")
+        except OSError as err:
+            raise StoreError(f"{path}: not a readable HDF5 file ({err})") from None
+        return FeatureStore(path, root, "hdf5")
+    import zarr
+
+    try:
+        root = zarr.open_group(str(path), mode="r")
+    except Exception as err:  # noqa: BLE001 - zarr raises several kinds
+        raise StoreError(f"{path}: not a readable Zarr store ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    return FeatureStore(path, root, "zarr")
+
+
+# --------------------------------------------------------------------------- writing (Zarr)
+
+def _zarr_create_array(group, name: str, spec: ArraySpec, n: int):
+    shape = (n,) + tuple(spec.tail)
+    chunks = (1 if spec.per_clip else STATIC_CHUNK,) + tuple(spec.tail)
+    dtype = str if spec.dtype == "str" else spec.dtype
+    return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype,
+                              fill_value=spec.fill, overwrite=True)
+
+
+def _static_columns(rows: list[ClipRow]) -> dict[str, np.ndarray]:
+    return {
+        "clips/id": np.array([r.id for r in rows], dtype=object),
+        "clips/path": np.array([r.path for r in rows], dtype=object),
+        "clips/label": np.array([r.label for r in rows], dtype=np.int16),
+        "clips/split": np.array([r.split for r in rows], dtype=object),
+        "clips/metadata": np.array([json.dumps(r.metadata, sort_keys=True) if r.metadata else ""
+                                    for r in rows], dtype=object),
+        "clips/listed_frames": np.array([r.listed_frames for r in rows], dtype=np.int32),
+    }
+
+
+def _write_rows(group, start: int, columns: dict[str, np.ndarray]) -> None:
+    for name, values in columns.items():
+        if len(values):
+            group[name][start:start + len(values)] = values
+
+
+def _caer_attrs(n: int, fingerprint: dict, metadata_columns: list[str]) -> dict:
+    return {"n_clips": int(n), "fingerprint": fingerprint,
+            "metadata_columns": list(metadata_columns),
+            "writer": f"caer-kit {__version__}"}
+
+
+def _sweep_partial(path: Path) -> None:
+    # zarr writes each key to NAME.<uuid>.partial and renames it; a kill leaves the temp.
+    for p in path.rglob("*.partial"):
+        p.unlink(missing_ok=True)
+
+
+def create_zarr(path: Path, fingerprint: dict, rows: list[ClipRow],
+                metadata_columns: list[str], metadata: dict | None = None) -> None:
+    """Create a store with ``rows`` pending, atomically: built beside it, then renamed."""
+    import zarr
+
+    tmp = Path(str(path) + ".creating")
+    shutil.rmtree(tmp, ignore_errors=True)
+    group = zarr.open_group(str(tmp), mode="w")
+    for name, spec in array_specs(fingerprint).items():
+        _zarr_create_array(group, name, spec, len(rows))
+    _write_rows(group, 0, _static_columns(rows))
+    attrs = {"caer_kit": _caer_attrs(len(rows), fingerprint, metadata_columns)}
+    if metadata:
+        attrs["metadata"] = metadata
+    group.attrs.update(attrs)
+    os.replace(tmp, path)
+
+
+class StoreWriter(FeatureStore):
+    """A Zarr store open for writing results (extract). Read methods work as well."""
+
+    def __init__(self, path: Path, sweep: bool = True):
+        import zarr
+
+        path = Path(path)
+        if is_hdf5(path):
+            raise StoreError(f"{path}: HDF5 stores are written through their staging Zarr store")
+        if not path.is_dir():
+            raise StoreError(f"{path}: no such store")
+        if sweep:  # only when no other process writes (torchrun: rank 0, before the others)
+            _sweep_partial(path)
+        super().__init__(path, zarr.open_group(str(path), mode="r+"), "zarr")
+
+    def extend(self, rows: list[ClipRow], metadata_columns: list[str]) -> None:
+        """Add pending clips. Safe to repeat after a kill: the commit is ``n_clips``."""
+        n_old, n_new = self.n_clips, self.n_clips + len(rows)
+        columns = list(dict.fromkeys(self.metadata_columns + list(metadata_columns)))
+        for name in self._specs:
+            self._root[name].resize((n_new,) + tuple(self._root[name].shape[1:]))
+        _write_rows(self._root, n_old, _static_columns(rows))
+        self._root.attrs["caer_kit"] = _caer_attrs(n_new, self.fingerprint, columns)
+        self.n_clips, self.metadata_columns, self._manifest = n_new, columns, None
+
+    def write_clip(self, i: int, result: ClipResult) -> None:
+        """Write one clip's results; its status goes last (the clip's commit point)."""
+        if result.status not in ("ok", "failed"):
+            raise ValueError(f"a finished clip is ok or failed, not {result.status}")
+        r = self._root
+        for name, value in (("clips/reason", result.reason), ("clips/note", result.note),
+                            ("clips/n_frames", result.n_frames), ("clips/fps", result.fps),
+                            ("clips/width", result.width), ("clips/height", result.height)):
+            r[name][i] = value
+        if result.status == "ok":
+            r["frames/index"][i] = result.frame_index
+            r["faces/box"][i] = result.box
+            r["faces/score"][i] = result.score
+            r["faces/found"][i] = result.found
+            for view, value in result.features.items():
+                r[f"features/{view}"][i] = np.asarray(value, dtype=np.float16)
+            for stream, value in result.pixels.items():
+                r[f"pixels/{stream}"][i] = value
+        r["clips/status"][i] = STATUS_NAMES.index(result.status)
+        self._manifest = None
+
+    def reset_failed(self) -> int:
+        """Mark failed clips pending again (``--retry-failed``); returns how many."""
+        status = self._root["clips/status"][: self.n_clips]
+        failed = np.flatnonzero(status == 2)
+        for i in failed:
+            self._root["clips/reason"][int(i)] = ""
+            self._root["clips/status"][int(i)] = 0
+        return len(failed)
+
+
+# --------------------------------------------------------------------------- HDF5 and copies
+
+def export_hdf5(staging: Path, path: Path) -> None:
+    """Write a finished staging Zarr store to ``path`` (.h5) atomically, same contents."""
+    import h5py
+
+    src = open_store(staging)
+    tmp = Path(str(path) + ".writing")
+    tmp.unlink(missing_ok=True)
+    with h5py.File(tmp, "w") as f:
+        f.attrs["caer_kit"] = json.dumps(_caer_attrs(src.n_clips, src.fingerprint,
+                                                     src.metadata_columns), sort_keys=True)
+        if src.metadata:
+            f.attrs["metadata"] = json.dumps(src.metadata, sort_keys=True)
+        for name, spec in src._specs.items():
+            shape = (src.n_clips,) + tuple(spec.tail)
+            dtype = h5py.string_dtype() if spec.dtype == "str" else spec.dtype
+            chunks = (1,) + tuple(spec.tail) if spec.per_clip else None
+            ds = f.create_dataset(name, shape=shape, dtype=dtype, maxshape=(None,) + spec.tail,
+                                  chunks=chunks if src.n_clips else True,
+                                  fillvalue=None if spec.dtype == "str" else spec.fill,
+                                  compression="lzf" if spec.tail else None)
+            _copy_rows(src.array(name), ds)
+    src.close()
+    os.replace(tmp, path)
+
+
+def import_hdf5(path: Path, staging: Path) -> None:
+    """Turn an existing ``.h5`` store back into a staging Zarr store (to append to it).
+    Built beside the staging path and renamed, so a kill leaves no half-imported store."""
+    import zarr
+
+    src = open_store(path)
+    tmp = Path(str(staging) + ".importing")
+    shutil.rmtree(tmp, ignore_errors=True)
+    create_zarr(tmp, src.fingerprint, [], src.metadata_columns, src.metadata)
+    group = zarr.open_group(str(tmp), mode="r+")
+    for name in src._specs:
+        group[name].resize((src.n_clips,) + tuple(group[name].shape[1:]))
+        _copy_rows(src.array(name), group[name])
+    group.attrs["caer_kit"] = _caer_attrs(src.n_clips, src.fingerprint, src.metadata_columns)
+    src.close()
+    os.replace(tmp, staging)
+
+
+def remove_store(path: Path) -> None:
+    """Delete a Zarr store so that a kill midway leaves either all of it or none of it."""
+    doomed = Path(str(path) + ".deleting")
+    if path.exists():
+        os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _copy_rows(src: StoredArray, dst, rows_per_step: int = 64) -> None:
+    for start in range(0, len(src), rows_per_step):
+        stop = min(len(src), start + rows_per_step)
+        dst[start:stop] = src[start:stop]
+
+
+# --------------------------------------------------------------------------- from arrays
+
+def build_store_from_arrays(path, *, face, context, labels, splits, ids=None, fingerprint,
+                            face_flip=None, context_flip=None, pixels_face=None,
+                            pixels_context=None, metadata=None) -> FeatureStore:
+    """Write a valid store from features already in memory (synthetic data, benchmarks).
+
+    ``face``/``context`` are ``[N, S, K, D]`` (or ``[N, S, D]``, K=1); ``labels`` 0-based ints;
+    ``splits`` one string per clip (or one string for all); ``fingerprint`` a full
+    ``make_fingerprint`` dict or a partial one (missing keys take extract's defaults and the
+    array shapes). Every clip is written as ok with its face found. Returns the open store.
+    """
+    path = Path(path)
+    face, context = _as_nskd(face), _as_nskd(context)
+    n, s, k, d = face.shape
+    if context.shape != face.shape:
+        raise StoreError(f"face {face.shape} and context {context.shape} differ in shape")
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    splits = [splits] * n if isinstance(splits, str) else list(splits)
+    ids = [f"clip{i:06d}" for i in range(n)] if ids is None else [str(i) for i in ids]
+    if not (len(labels) == len(splits) == len(ids) == n):
+        raise StoreError(f"{n} clips but {len(labels)} labels, {len(splits)} splits, "
+                         f"{len(ids)} ids")
+    if len(set(ids)) != n:
+        raise StoreError("ids must be unique")
+    fp = _complete_fingerprint(fingerprint, s, k, d, flip=face_flip is not None,
+                               pixels=pixels_face is not None)
+    label_set = load_label_set(fp["labels"])
+    if n and (labels.min() < 0 or labels.max() >= len(label_set)):
+        raise StoreError(f"labels must be in 0..{len(label_set) - 1}")
+    if path.exists():
+        raise StoreError(f"{path}: already exists")
+    target = staging_path(path) if is_hdf5(path) else path
+    shutil.rmtree(target, ignore_errors=True)
+    rows = [ClipRow(ids[i], ids[i], int(labels[i]), splits[i]) for i in range(n)]
+    create_zarr(target, fp, rows, [], metadata)
+    writer = StoreWriter(target)
+    r = writer._root
+    step = 64
+    views = {"face": face, "context": context, "face_flip": face_flip, "context_flip": context_flip}
+    for start in range(0, n, step):
+        sl = slice(start, min(n, start + step))
+        m = sl.stop - sl.start
+        for view, value in views.items():
+            if value is not None:
+                r[f"features/{view}"][sl] = _as_nskd(value[sl]).astype(np.float16)
+        for stream, value in (("face", pixels_face), ("context", pixels_context)):
+            if value is not None:
+                r[f"pixels/{stream}"][sl] = np.asarray(value[sl], np.uint8).reshape(
+                    (m,) + r[f"pixels/{stream}"].shape[1:])
+        r["frames/index"][sl] = np.broadcast_to(np.arange(s * k, dtype=np.int32).reshape(s, k),
+                                                (m, s, k))
+        r["faces/found"][sl] = True
+        r["faces/score"][sl] = 1.0
+        r["clips/n_frames"][sl] = s * k
+        r["clips/status"][sl] = 1
+    writer.close()
+    if is_hdf5(path):
+        export_hdf5(target, path)
+        remove_store(target)
+    return open_store(path)
+
+
+def _as_nskd(x) -> np.ndarray:
+    x = np.asarray(x)
+    return x[:, :, None, :] if x.ndim == 3 else x
+
+
+def _complete_fingerprint(partial: dict, s: int, k: int, d: int, flip: bool, pixels: bool) -> dict:
+    fp = make_fingerprint(clip_spec="arrays", clip_revision="arrays", feature_dim=d,
+                          image_size=224, segments=s, candidates=k, flip=flip, pixels=pixels,
+                          normalize="clip", face_model="full", face_margin=20,
+                          min_face_score=0.5, face_resize="squash", face_boxes=None,
+                          labels=load_label_set("raer5"))
+    given = dict(partial or {})
+    if "labels" in given:
+        given["labels"] = load_label_set(given["labels"]).as_dict()
+    fp.update(given)
+    for key, value in (("segments", s), ("candidates", k), ("feature_dim", d), ("flip", flip),
+                       ("pixels", pixels)):
+        if fp[key] != value:
+            raise StoreError(f"fingerprint says {key}={fp[key]} but the arrays say {value}")
+    fp["format_version"] = FORMAT_VERSION
+    return fp

@@ -1,0 +1,144 @@
+"""Annotation files -> the clips to extract, validated before anything is written.
+
+Two formats:
+- CSV (``.csv``): a header with ``path`` and ``label``, optionally ``split`` and ``id``; any
+  other column is metadata kept in the manifest (e.g. ``scene``). Labels are class names
+  (case-insensitive) or 0-based indices.
+- The original release's list file (any other suffix): lines ``path n_frames label``,
+  space separated, labels 1-based; the split comes from ``--split``. Blank lines and lines
+  starting with ``#`` are skipped. The path may contain spaces (the last two fields are
+  numbers).
+
+Paths are relative to ``root`` (default: the annotation file's folder). A clip's id is its
+``id`` column, else its path as written, relative to the root, with ``/`` separators:
+stable across machines and unique within a root. Every problem is a ``CaerError`` whose
+one line is ``FILE:LINE: problem``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path, PurePosixPath
+
+from cache.store import ClipRow
+from pipeline.errors import CaerError
+from pipeline.labels import LabelSet, LabelSetError
+
+RESERVED = ("path", "label", "split", "id")
+
+
+class AnnotationError(CaerError):
+    """An unusable annotation file: ``FILE:LINE: problem`` (exit 2)."""
+
+
+def read_annotations(files: list[str | os.PathLike], labels: LabelSet,
+                     splits: list[str] | None = None,
+                     root: str | os.PathLike | None = None) -> tuple[list[ClipRow], list[str]]:
+    """Parse and validate every file; returns (clips in file order, metadata column names).
+
+    ``splits`` is empty, one name for every file, or one name per file; a CSV's own
+    ``split`` column wins over it. ``ClipRow.path`` is the absolute path of the clip.
+    """
+    files = [Path(f) for f in files]
+    splits = list(splits or [])
+    if not files:
+        raise AnnotationError("no --annotations given")
+    if len(splits) not in (0, 1, len(files)):
+        raise AnnotationError(f"--split given {len(splits)} times for {len(files)} "
+                              f"--annotations: give it once (for every file) or once per file")
+    rows: list[ClipRow] = []
+    where: dict[str, str] = {}  # id -> FILE:LINE of its first appearance
+    columns: list[str] = []
+    for n, file in enumerate(files):
+        split = splits[n] if len(splits) == len(files) else (splits[0] if splits else "")
+        base = Path(root) if root is not None else file.parent
+        if not file.is_file():
+            raise AnnotationError(f"{file}: no such annotation file")
+        if file.suffix.lower() == ".csv":
+            parsed, meta = _read_csv(file, labels, split, base)
+        else:
+            parsed, meta = _read_list(file, labels, split, base)
+        for line, row in parsed:
+            if row.id in where:
+                raise AnnotationError(f"{file}:{line}: duplicate id '{row.id}' (first at "
+                                      f"{where[row.id]}); give the clips an id column")
+            where[row.id] = f"{file}:{line}"
+            rows.append(row)
+        columns += [c for c in meta if c not in columns]
+    return rows, columns
+
+
+def _clip_path(base: Path, text: str) -> tuple[str, str]:
+    """(absolute path, id derived from the path as written)."""
+    written = text.strip().replace("\\", "/")
+    absolute = Path(os.path.abspath(base / written))
+    return str(absolute), str(PurePosixPath(os.path.normpath(written).replace("\\", "/")))
+
+
+def _read_csv(file: Path, labels: LabelSet, split: str, base: Path):
+    with open(file, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        while header is not None and not any(h.strip() for h in header):
+            header = next(reader, None)
+        if header is None:
+            raise AnnotationError(f"{file}:1: empty file")
+        header = [h.strip() for h in header]
+        header_line = reader.line_num
+        for name in ("path", "label"):
+            if name not in header:
+                raise AnnotationError(f"{file}:{header_line}: missing column '{name}' "
+                                      f"(columns: {', '.join(header)})")
+        if len(set(header)) != len(header):
+            raise AnnotationError(f"{file}:{header_line}: repeated column names")
+        meta = [h for h in header if h not in RESERVED]
+        out = []
+        for values in reader:
+            line = reader.line_num
+            if not any(v.strip() for v in values):
+                continue
+            if len(values) != len(header):
+                raise AnnotationError(f"{file}:{line}: malformed line: {len(values)} fields, "
+                                      f"the header has {len(header)}")
+            record = dict(zip(header, (v.strip() for v in values)))
+            if not record["path"]:
+                raise AnnotationError(f"{file}:{line}: empty path")
+            try:
+                label = labels.index(record["label"])
+            except LabelSetError as err:
+                raise AnnotationError(f"{file}:{line}: {err}") from None
+            path, derived = _clip_path(base, record["path"])
+            out.append((line, ClipRow(id=record.get("id") or derived, path=path, label=label,
+                                      split=record.get("split") or split,
+                                      metadata={m: record[m] for m in meta if record[m] != ""})))
+    if not out:
+        raise AnnotationError(f"{file}:{header_line}: empty file (a header and no clips)")
+    return out, meta
+
+
+def _read_list(file: Path, labels: LabelSet, split: str, base: Path):
+    out = []
+    text = file.read_text(encoding="utf-8-sig")
+    for line, raw in enumerate(text.splitlines(), start=1):
+        stripped = raw.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        fields = stripped.rsplit(maxsplit=2)
+        if len(fields) != 3 or not fields[1].isdigit() or not fields[2].lstrip("-").isdigit():
+            raise AnnotationError(f"{file}:{line}: malformed line '{_clip(stripped)}': expected "
+                                  f"'path n_frames label' (label 1..{len(labels)})")
+        label = int(fields[2])
+        if not 1 <= label <= len(labels):
+            raise AnnotationError(f"{file}:{line}: label {label} out of range 1..{len(labels)} "
+                                  f"(list files are 1-based; label set '{labels.name}')")
+        path, derived = _clip_path(base, fields[0])
+        out.append((line, ClipRow(id=derived, path=path, label=label - 1, split=split,
+                                  listed_frames=int(fields[1]))))
+    if not out:
+        raise AnnotationError(f"{file}:1: empty file")
+    return out, []
+
+
+def _clip(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."

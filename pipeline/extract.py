@@ -1,0 +1,738 @@
+"""Stage one: annotation files -> a feature store (``python cli.py extract``).
+
+Worker processes decode, detect and crop one clip each (pipeline/video, faces, crops);
+the main process encodes the crops of many clips in batches with one CLIP image encoder
+and writes each clip when all its features are in. Under torchrun every rank does this for
+its share of the clips, in the same store.
+
+Determinism, which resume and torchrun rely on: every encoder batch holds exactly
+``batch_size`` images (the last one is padded). A CPU matrix multiply can round a row
+differently when the number of rows changes, but not when only its neighbours change, so
+with a fixed batch size a crop's features do not depend on which other clips shared its
+batch, and a clip redone after a kill, or by another rank, is bit-identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cache.store import (ClipResult, ClipRow, StoreError, StoreWriter, create_zarr,
+                         describe_mismatch, export_hdf5, fingerprint_mismatch, import_hdf5,
+                         is_hdf5, make_fingerprint, open_store, remove_store,
+                         staging_path)
+from pipeline.clip import DEFAULT_CLIP
+from pipeline.errors import CaerError
+
+log = logging.getLogger("caer")
+
+# Test hook: SIGKILL this process after it has written this many clips (kill -9 tests).
+KILL_AFTER_ENV = "CAER_TEST_KILL_AFTER_CLIPS"
+
+
+@dataclass
+class ExtractConfig:
+    """Every option of ``extract``; the CLI maps one option to each field."""
+
+    annotations: tuple[str, ...] = ()  # CSV or list files, repeatable
+    split: tuple[str, ...] = ()  # for list files: once for all, or once per --annotations
+    root: str | None = None  # clip paths are relative to this (default: the file's folder)
+    labels: str = "raer5"  # raer5 | caer7 | FILE (YAML/JSON)
+    clip: str = DEFAULT_CLIP
+    segments: int = 16
+    candidates: int = 1  # frames kept per segment
+    flip: bool = False  # also store features of the horizontally flipped crops
+    face_model: str = "full"  # full | short
+    min_face_score: float = 0.5
+    face_margin: int = 20
+    face_resize: str = "squash"  # squash | letterbox
+    face_boxes: str | None = None  # JSON of precomputed boxes instead of the detector
+    normalize: str = "clip"  # clip | none
+    pixels: bool = False  # also store the uint8 224x224 crops (for finetune)
+    batch_size: int = 64  # images per encoder batch
+    workers: int = max(1, min(4, (os.cpu_count() or 2) - 1))  # 0: decode in the main process
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    cache: str = "features.zarr"  # .zarr directory or .h5 file
+    quiet: bool = False  # no progress bar: log lines instead
+    retry_failed: bool = False  # redo clips recorded as failed
+
+
+CHOICES = {"face_model": ("full", "short"), "face_resize": ("squash", "letterbox"),
+           "normalize": ("clip", "none"), "device": ("auto", "cpu", "cuda"),
+           "precision": ("auto", "fp32", "bf16", "fp16")}
+
+
+@dataclass
+class ExtractSummary:
+    cache: str
+    n_clips: int
+    n_ok: int
+    n_failed: int
+    n_done_now: int  # clips this run (all ranks) finished
+    seconds: float
+    failures: list = field(default_factory=list)  # (id, reason), at most a few
+    # This process's share (rank 0's under torchrun), for benchmarks/bench_extract.py:
+    process_seconds: float = 0.0  # decoding, detection, encoding and writing of the clips
+    encode_seconds: float = 0.0  # inside the image encoder
+    n_batches: int = 0  # encoder batches of exactly batch_size images
+    startup_seconds: float = 0.0  # starting, warming and stopping the workers, once per run
+
+    @property
+    def exit_code(self) -> int:
+        return 3 if self.n_failed else 0
+
+
+# --------------------------------------------------------------------------- validation
+
+def _check_options(cfg: ExtractConfig) -> None:
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise CaerError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                            f"not {getattr(cfg, name)!r}")
+    for name in ("segments", "candidates", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise CaerError(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.workers < 0 or cfg.face_margin < 0:
+        raise CaerError("--workers and --face-margin cannot be negative")
+    if not 0.0 <= cfg.min_face_score <= 1.0:
+        raise CaerError("--min-face-score must lie in [0, 1]")
+
+
+def load_face_boxes(path: str) -> tuple[dict, str]:
+    """Precomputed boxes in the original release's layout -> ({folder: {frame: box}}, sha256).
+
+    The original's face.json maps a clip's frame folder (as written in its list file) to
+    ``{frame file name: [x0, y0, x1, y1]}`` in pixels. A flat ``{frame path: box}`` map is
+    accepted too. For a video file the frame name is its 0-based frame number.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise CaerError(f"--face-boxes {path}: no such file")
+    raw = file.read_bytes()
+    try:
+        data = json.loads(raw)
+    except ValueError as err:
+        raise CaerError(f"--face-boxes {path}: not JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise CaerError(f"--face-boxes {path}: expected an object keyed by frame folder")
+    nested: dict[str, dict] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            nested.setdefault(_norm_key(key), {}).update(value)
+        elif isinstance(value, (list, tuple)) or value is None:
+            folder, _, name = _norm_key(key).rpartition("/")
+            nested.setdefault(folder, {})[name] = value
+        else:
+            raise CaerError(f"--face-boxes {path}: entry {key!r} is neither a box nor a "
+                            f"{{frame: box}} object")
+        for name, box in nested[_norm_key(key) if isinstance(value, dict)
+                                else _norm_key(key).rpartition("/")[0]].items():
+            if box is not None and (not isinstance(box, (list, tuple)) or len(box) != 4):
+                raise CaerError(f"--face-boxes {path}: box of {key}/{name} is not "
+                                f"[x0, y0, x1, y1]")
+    return nested, hashlib.sha256(raw).hexdigest()
+
+
+def _norm_key(key: str) -> str:
+    return os.path.normpath(str(key).replace("\\", "/")).replace("\\", "/").rstrip("/")
+
+
+def boxes_for_clip(boxes: dict, row: ClipRow) -> dict | None:
+    """A clip's ``{frame name: box}``: looked up by its absolute path, by its id (the path as
+    written) or by the longest key that is a trailing part of its path."""
+    path = _norm_key(row.path)
+    for key in (path, _norm_key(row.id)):
+        if key in boxes:
+            return boxes[key]
+    best = None
+    for key in boxes:
+        if key and (path == key or path.endswith("/" + key.lstrip("./"))):
+            if best is None or len(key) > len(best):
+                best = key
+    return boxes[best] if best is not None else None
+
+
+# --------------------------------------------------------------------------- worker side
+
+_DETECTOR = None
+
+
+def _worker_init() -> None:
+    # Ctrl-C goes to the main process, which shuts the pool down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A main process killed with SIGKILL cannot stop its workers: they stop themselves.
+    import threading
+
+    parent = os.getppid()
+
+    def watch_parent():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch_parent, daemon=True, name="watch-parent").start()
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        import torch
+
+        torch.set_num_threads(1)  # crops need none; leave the cores to the encoder
+    except ImportError:
+        pass
+
+
+def prepare_clip(task: dict) -> dict:
+    """Decode, detect and crop one clip (runs in a worker). Never raises for a bad clip."""
+    from pipeline.video import ClipError
+
+    try:
+        return _prepare(task)
+    except ClipError as err:
+        return {"index": task["index"], "status": "failed", "reason": str(err)}
+    except Exception as err:  # noqa: BLE001 - an unforeseen bad clip must not stop the run
+        text = str(err).strip().splitlines()
+        return {"index": task["index"], "status": "failed",
+                "reason": f"{type(err).__name__}: {text[0] if text else ''}".strip()}
+
+
+def _prepare(task: dict) -> dict:
+    global _DETECTOR
+    from pipeline.crops import face_crop, letterbox
+    from pipeline.video import probe_clip, read_frames, sample_indices
+
+    s, k = task["segments"], task["candidates"]
+    info = probe_clip(task["path"])
+    indices = sample_indices(info.n_frames, s, k)
+    frames = read_frames(task["path"], indices, info)
+    notes = []
+    listed = task["listed_frames"]
+    if listed >= 0 and listed != info.n_frames:
+        notes.append(f"list file says {listed} frames, {info.n_frames} on disk (disk used)")
+    if getattr(frames, "substituted", None):
+        bad = sorted(frames.substituted)
+        notes.append(f"{len(bad)} kept frame(s) did not decode (first {bad[0]}); the last "
+                     f"decoded frame stands in")
+
+    boxes = task["boxes"]
+    detections = {}
+    for number in np.unique(indices):
+        number = int(number)
+        rgb = frames[number]
+        if boxes is not None:
+            name = info.files[number] if info.kind == "frames" else str(number)
+            box = boxes.get(name)
+            detections[number] = (tuple(float(v) for v in box), 1.0) if box else (None, 0.0)
+        else:
+            wanted = (task["face_model"], task["min_face_score"])
+            if _DETECTOR is None or (_DETECTOR.model, _DETECTOR.min_score) != wanted:
+                from pipeline.faces import FaceDetector
+
+                if _DETECTOR is not None:
+                    _DETECTOR.close()
+                _DETECTOR = FaceDetector(*wanted)  # once per worker process
+            det = _DETECTOR.detect(_rgb3(rgb))
+            detections[number] = (det.box, float(det.score))
+
+    size = task["image_size"]
+    face = np.empty((s, k, size, size, 3), np.uint8)
+    context = np.empty((s, k, size, size, 3), np.uint8)
+    box = np.full((s, k, 4), np.nan, np.float32)
+    score = np.zeros((s, k), np.float32)
+    found = np.zeros((s, k), bool)
+    crops = {}
+    for si in range(s):
+        for ki in range(k):
+            number = int(indices[si, ki])
+            if number not in crops:
+                b, sc = detections[number]
+                rgb = frames[number]
+                crops[number] = (face_crop(rgb, b, task["face_margin"], size, task["face_resize"]),
+                                 letterbox(rgb, size))
+            face[si, ki], context[si, ki] = crops[number]
+            b, sc = detections[number]
+            score[si, ki] = sc
+            if b is not None:
+                box[si, ki], found[si, ki] = b, True
+    return {"index": task["index"], "status": "ok", "note": "; ".join(notes),
+            "n_frames": info.n_frames, "fps": info.fps or 0.0, "width": info.width,
+            "height": info.height, "frame_index": indices.astype(np.int32), "box": box,
+            "score": score, "found": found, "face": face, "context": context}
+
+
+def _rgb3(rgb: np.ndarray) -> np.ndarray:
+    if rgb.ndim == 2:
+        return np.repeat(rgb[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(rgb[:, :, :3])
+
+
+# --------------------------------------------------------------------------- encoder side
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CaerError("--device cuda: no CUDA device is available (try --device cpu)")
+    return device
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is
+    emulated and slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import torch
+
+        return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    import torch
+
+    if precision != "auto":
+        return precision
+    if device == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+class BatchEncoder:
+    """Encodes queued crops in batches of exactly ``batch_size`` images, across clips."""
+
+    def __init__(self, clip, batch_size: int, normalize: str, device: str, precision: str):
+        import torch
+
+        self.clip, self.batch_size, self.normalize = clip, batch_size, normalize
+        self.device, self.precision = device, precision
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.queue: deque = deque()  # [clip entry, next row to encode]
+        self.queued = 0
+        self.encode_seconds = 0.0
+        self.n_batches = 0
+
+    def add(self, entry: dict) -> None:
+        self.queue.append([entry, 0])
+        self.queued += len(entry["images"])
+
+    def run(self, final: bool = False) -> list[dict]:
+        """Encode full batches (and the padded rest when ``final``); return finished clips."""
+        done = []
+        while self.queued >= self.batch_size or (final and self.queued):
+            done += self._one_batch()
+        return done
+
+    def _one_batch(self) -> list[dict]:
+        import torch
+        from pipeline.crops import to_clip_pixels
+
+        parts, owners, n = [], [], 0
+        for item in self.queue:
+            entry, start = item
+            take = min(len(entry["images"]) - start, self.batch_size - n)
+            parts.append(entry["images"][start:start + take])
+            owners.append((item, start, take))
+            n += take
+            if n == self.batch_size:
+                break
+        images = np.concatenate(parts)
+        if n < self.batch_size:  # the fixed batch size keeps features independent of it
+            pad = np.zeros((self.batch_size - n,) + images.shape[1:], np.uint8)
+            images = np.concatenate([images, pad])
+        t0 = time.perf_counter()
+        pixels = to_clip_pixels(images, self.normalize).to(self.device)
+        with torch.inference_mode(), torch.autocast(self.device.split(":")[0],
+                                                    dtype=self.dtype or torch.float32,
+                                                    enabled=self.dtype is not None):
+            out = self.clip.encode_images(pixels).float().cpu().numpy().astype(np.float16)
+        self.encode_seconds += time.perf_counter() - t0
+        self.n_batches += 1
+        finished, offset = [], 0
+        for item, start, take in owners:
+            entry = item[0]
+            entry["features"][start:start + take] = out[offset:offset + take]
+            offset += take
+            item[1] = start + take
+            self.queued -= take
+        while self.queue and self.queue[0][1] == len(self.queue[0][0]["images"]):
+            finished.append(self.queue.popleft()[0])
+        return finished
+
+
+def _stack_views(result: dict, flip: bool) -> np.ndarray:
+    """uint8 ``[V * S * K, H, W, 3]`` in view order face, context(, face_flip, context_flip)."""
+    views = [result["face"], result["context"]]
+    if flip:  # flipping the crop equals cropping the flipped frame with the mirrored box
+        views += [result["face"][..., ::-1, :], result["context"][..., ::-1, :]]
+    size = result["face"].shape[-2]
+    return np.ascontiguousarray(np.stack(views).reshape(-1, size, size, 3))
+
+
+def _to_clip_result(result: dict, features: np.ndarray | None, fp: dict) -> ClipResult:
+    if result["status"] != "ok":
+        return ClipResult("failed", reason=result["reason"] or "failed")
+    s, k = fp["segments"], fp["candidates"]
+    views = ["face", "context"] + (["face_flip", "context_flip"] if fp["flip"] else [])
+    feats = features.reshape(len(views), s, k, -1)
+    pixels = {}
+    if fp["pixels"]:
+        pixels = {name: np.ascontiguousarray(result[name].transpose(0, 1, 4, 2, 3))
+                  for name in ("face", "context")}
+    return ClipResult("ok", note=result["note"], n_frames=result["n_frames"], fps=result["fps"],
+                      width=result["width"], height=result["height"],
+                      frame_index=result["frame_index"], box=result["box"],
+                      score=result["score"], found=result["found"],
+                      features={v: feats[i] for i, v in enumerate(views)}, pixels=pixels)
+
+
+# --------------------------------------------------------------------------- distributed
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> "Dist":
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
+
+    def init(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("gloo")
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def share(self, value):
+        """Rank 0's value, on every rank."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def sum(self, value: int) -> int:
+        if self.world == 1:
+            return value
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t)
+        return int(t.item())
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- the run
+
+def _prepare_store(cfg: ExtractConfig, target: Path, fp: dict, rows: list[ClipRow],
+                   meta_columns: list[str]) -> bool:
+    """Create the store, or check it and add the new clips (rank 0 only). Checks come
+    before any write, so a refused run changes nothing. Returns False when a finished
+    ``.h5`` store already holds everything asked for (nothing to do)."""
+    cache = Path(cfg.cache)
+    shutil.rmtree(str(target) + ".deleting", ignore_errors=True)  # a deletion a kill cut short
+    if not target.exists() and is_hdf5(cache) and cache.exists():
+        stored = open_store(cache)
+        new_rows = _check_compatible(stored, fp, rows, cfg.cache)
+        todo = (stored.status == 0).any() or (cfg.retry_failed and (stored.status == 2).any())
+        stored.close()
+        if not new_rows and not todo:
+            return False
+        import_hdf5(cache, target)
+    if not target.exists():
+        create_zarr(target, fp, rows, meta_columns)
+        return True
+    writer = StoreWriter(target)
+    new_rows = _check_compatible(writer, fp, rows, cfg.cache)
+    if new_rows:
+        writer.extend(new_rows, meta_columns)
+    elif set(meta_columns) - set(writer.metadata_columns):
+        writer.extend([], meta_columns)
+    if cfg.retry_failed:
+        writer.reset_failed()
+    return True
+
+
+def _check_compatible(store, fp: dict, rows: list[ClipRow], cache: str) -> list[ClipRow]:
+    """Refuse different options or clashing ids; return the rows the store lacks."""
+    differ = fingerprint_mismatch(store.fingerprint, fp)
+    if differ:
+        raise StoreError(f"{cache} was built with other options: "
+                         f"{describe_mismatch(store.fingerprint, fp, differ)}; use the store's "
+                         f"options or another --cache")
+    manifest = store.manifest
+    known = {r.id: (r.path, int(r.label), r.split) for r in manifest.itertuples()}
+    new = []
+    for row in rows:
+        if row.id not in known:
+            new.append(row)
+        elif known[row.id] != (row.path, row.label, row.split):
+            path, label, split = known[row.id]
+            raise StoreError(f"{cache} already holds clip id '{row.id}' as path {path}, "
+                             f"label {label}, split '{split}'; the annotations now say "
+                             f"{row.path}, label {row.label}, split '{row.split}'")
+    return new
+
+
+def run_extract(cfg: ExtractConfig) -> ExtractSummary:
+    """Extract every clip the annotation files name into ``cfg.cache``."""
+    from pipeline.annotations import read_annotations
+    from pipeline.labels import load_label_set
+
+    t_start = time.perf_counter()
+    _check_options(cfg)
+    d = Dist.from_env()
+    cache = Path(cfg.cache)
+    if d.world > 1 and is_hdf5(cache):
+        raise CaerError(f"--cache {cfg.cache}: HDF5 allows one writer, and this is a "
+                        f"{d.world}-process torchrun; use a .zarr cache (convert later if "
+                        f"needed) or run a single process")
+    labels = load_label_set(cfg.labels)
+    rows, meta_columns = read_annotations(list(cfg.annotations), labels, list(cfg.split),
+                                          cfg.root)
+    boxes, boxes_digest = (None, None)
+    if cfg.face_boxes is not None:
+        boxes, boxes_digest = load_face_boxes(cfg.face_boxes)
+
+    from pipeline.clip import load_clip
+
+    device = resolve_device(cfg.device)
+    if device == "cuda" and d.world > 1:
+        device = f"cuda:{d.local_rank}"
+    precision = resolve_precision(cfg.precision, device.split(":")[0])
+    clip = load_clip(cfg.clip, device=device)
+    fp = make_fingerprint(clip_spec=cfg.clip, clip_revision=clip.revision,
+                          feature_dim=clip.feature_dim, image_size=clip.image_size,
+                          segments=cfg.segments, candidates=cfg.candidates, flip=cfg.flip,
+                          pixels=cfg.pixels, normalize=cfg.normalize, face_model=cfg.face_model,
+                          face_margin=cfg.face_margin, min_face_score=cfg.min_face_score,
+                          face_resize=cfg.face_resize, face_boxes=boxes_digest, labels=labels)
+    target = staging_path(cache) if is_hdf5(cache) else cache
+
+    d.init()
+    t_process = t_startup = 0.0
+    encoder = BatchEncoder(clip, cfg.batch_size, cfg.normalize, device, precision)
+    try:
+        outcome = None  # (message, exit status) of a refusal, else whether there is work
+        if d.rank == 0:
+            try:
+                outcome = _prepare_store(cfg, target, fp, rows, meta_columns)
+            except Exception as err:  # noqa: BLE001 - the other ranks must hear of it
+                if d.world == 1 and not isinstance(err, CaerError):
+                    raise
+                text = str(err).strip().splitlines()
+                outcome = (text[0] if text else type(err).__name__,
+                           getattr(err, "exit_code", 1))
+        outcome = d.share(outcome)
+        if isinstance(outcome, tuple):
+            raise CaerError(*outcome)
+        done_all = 0
+        if outcome:
+            d.barrier()
+            done_all, t_process, t_startup = _run_share(cfg, d, target, clip, encoder, fp,
+                                                        boxes, device, precision)
+            d.barrier()
+            if d.rank == 0 and is_hdf5(cache):
+                export_hdf5(target, cache)
+                remove_store(target)
+            d.barrier()
+    finally:
+        d.close()
+
+    store = open_store(cache)
+    manifest = store.manifest
+    store.close()
+    failed = manifest[manifest.status == "failed"]
+    return ExtractSummary(str(cache), len(manifest), int((manifest.status == "ok").sum()),
+                          len(failed), done_all, time.perf_counter() - t_start,
+                          list(zip(failed["id"], failed["reason"]))[:5], t_process,
+                          encoder.encode_seconds, encoder.n_batches, t_startup)
+
+
+def _run_share(cfg: ExtractConfig, d: Dist, target: Path, clip, encoder: BatchEncoder, fp: dict,
+               boxes, device: str, precision: str) -> tuple[int, float, float]:
+    """This rank's share of the pending clips: returns (clips done by all ranks, seconds
+    processing, seconds starting the workers)."""
+    writer = StoreWriter(target, sweep=False) if d.rank else StoreWriter(target)
+    pending = np.flatnonzero(writer.status == 0)
+    mine = pending[d.rank::d.world]
+    manifest = writer.manifest
+    log.info("extract: %d clips in %s, %d to do%s (device %s, precision %s)",
+             writer.n_clips, cfg.cache, len(pending),
+             f", {len(mine)} on rank {d.rank}" if d.world > 1 else "", device, precision)
+    tasks = []
+    for i in mine:
+        row = manifest.iloc[int(i)]
+        listed = row["listed_frames"]
+        clip_row = ClipRow(row["id"], row["path"], int(row["label"]), row["split"],
+                           listed_frames=-1 if pd.isna(listed) else int(listed))
+        tasks.append({"index": int(i), "path": clip_row.path,
+                      "listed_frames": clip_row.listed_frames,
+                      "segments": cfg.segments, "candidates": cfg.candidates,
+                      "face_model": cfg.face_model, "min_face_score": cfg.min_face_score,
+                      "face_margin": cfg.face_margin, "face_resize": cfg.face_resize,
+                      "image_size": clip.image_size,
+                      "boxes": None if boxes is None else (boxes_for_clip(boxes, clip_row) or {})})
+    t0 = time.perf_counter()
+    pool = start_pool(cfg, tasks[0] if tasks else None)
+    t_startup = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    try:
+        done = _process(pool, tasks, encoder, writer, fp, cfg, show=(d.rank == 0))
+        t_process = time.perf_counter() - t0
+    finally:
+        t0 = time.perf_counter()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        t_startup += time.perf_counter() - t0
+    writer.close()
+    return d.sum(done), t_process, t_startup
+
+
+def _process(pool, tasks: list[dict], encoder: BatchEncoder, writer: StoreWriter, fp: dict,
+             cfg: ExtractConfig, show: bool) -> int:
+    """Feed tasks to workers with a bounded number in flight; encode; write."""
+    from tqdm import tqdm
+
+    kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
+    written = 0
+    bar = tqdm(total=len(tasks), unit="clip", file=sys.stderr, dynamic_ncols=True,
+               disable=cfg.quiet or not show or not tasks, desc="extract", smoothing=0.1)
+    log_every = max(1, len(tasks) // 10)
+    t0 = time.perf_counter()
+
+    def write(result: dict, features) -> None:
+        nonlocal written
+        writer.write_clip(result["index"], _to_clip_result(result, features, fp))
+        written += 1
+        bar.update(1)
+        if cfg.quiet and show and (written % log_every == 0 or written == len(tasks)):
+            rate = written / max(1e-9, time.perf_counter() - t0)
+            log.info("extract: %d/%d clips (%.2f clips/s)", written, len(tasks), rate)
+        if kill_after and written >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def take(result: dict) -> None:
+        if result["status"] != "ok":
+            write(result, None)
+            return
+        images = _stack_views(result, fp["flip"])
+        encoder.add({"result": result, "images": images,
+                     "features": np.empty((len(images), fp["feature_dim"]), np.float16)})
+        for entry in encoder.run():
+            write(entry["result"], entry["features"])
+
+    if pool is None:
+        for task in tasks:
+            take(prepare_clip(task))
+    else:
+        _run_pool(pool, tasks, take, cfg, fp)
+    for entry in encoder.run(final=True):
+        write(entry["result"], entry["features"])
+    bar.close()
+    return written
+
+
+def warm_worker(task: dict, hold: float = 0.2) -> int:
+    """Import the media libraries and create the detector before the first clip arrives."""
+    global _DETECTOR
+    import pipeline.crops  # noqa: F401
+    import pipeline.video  # noqa: F401
+
+    if task["boxes"] is None:
+        from pipeline.faces import FaceDetector
+
+        if _DETECTOR is None or (_DETECTOR.model, _DETECTOR.min_score) != (
+                task["face_model"], task["min_face_score"]):
+            _DETECTOR = FaceDetector(task["face_model"], task["min_face_score"])
+        _DETECTOR.detect(np.zeros((64, 64, 3), np.uint8))
+    time.sleep(hold)  # hold this worker so that the next warm-up goes to another one
+    return os.getpid()
+
+
+def start_pool(cfg: ExtractConfig, sample_task: dict | None):
+    """The worker pool, warmed up (None with --workers 0: the main process decodes)."""
+    if sample_task is None:
+        return None
+    if cfg.workers == 0:
+        warm_worker(sample_task, hold=0.0)
+        return None
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, wait
+
+    pool = ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("spawn"),
+                               initializer=_worker_init)
+    wait([pool.submit(warm_worker, sample_task) for _ in range(cfg.workers)])
+    return pool
+
+
+def _run_pool(pool, tasks, take, cfg: ExtractConfig, fp: dict) -> None:
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    images_per_clip = (4 if fp["flip"] else 2) * fp["segments"] * fp["candidates"]
+    # Enough clips in flight to keep every worker busy and fill a batch; no more, so memory
+    # stays flat however many clips there are.
+    limit = 2 * cfg.workers + math.ceil(cfg.batch_size / images_per_clip)
+    todo = iter(tasks)
+    running = set()
+    for task in todo:
+        running.add(pool.submit(prepare_clip, task))
+        if len(running) >= limit:
+            break
+    while running:
+        finished, running = wait(running, return_when=FIRST_COMPLETED)
+        for future in sorted(finished, key=lambda f: f.result()["index"]):
+            take(future.result())
+        for task in todo:
+            running.add(pool.submit(prepare_clip, task))
+            if len(running) >= limit:
+                break
+
+
+def summary_lines(s: ExtractSummary) -> list[str]:
+    lines = [f"extract: {s.cache}: {s.n_clips} clips, {s.n_ok} ok, {s.n_failed} failed "
+             f"({s.n_done_now} done in this run, {s.seconds:.1f} s)"]
+    if s.n_failed:
+        for clip_id, reason in s.failures:
+            lines.append(f"  failed {clip_id}: {reason}")
+        if s.n_failed > len(s.failures):
+            lines.append(f"  ... and {s.n_failed - len(s.failures)} more")
+        lines.append(f"the failure list: python cli.py info {s.cache}")
+    return lines
+
+
+def config_dict(cfg: ExtractConfig) -> dict:
+    return asdict(cfg)

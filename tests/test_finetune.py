@@ -1,0 +1,202 @@
+"""finetune with a tiny CLIP: the loss falls, the image encoder changes and the text tower does
+not, resume is exact, a 2-process torchrun (gloo) run equals a single process, gradient
+checkpointing and accumulation change nothing, --init warm-starts the head."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cache import build_store_from_arrays, open_store
+from heads.data import PixelClips, augment_clip
+from heads.train import FinetuneConfig, TrainConfig, finetune, predict_cache, train_head
+from pipeline.clip import build_random_clip
+from pipeline.errors import CaerError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = build_random_clip("tiny")
+C, S, K = 5, 4, 2
+COLOURS = np.array([[220, 30, 30], [30, 200, 40], [40, 40, 230], [230, 220, 30], [200, 40, 210]])
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_pixel_store(path, *, n_train=10, n_test=5, pixels=True, seed=0):
+    """Crops whose colour says the class (with noise and a moving bright square)."""
+    rng = np.random.default_rng(seed)
+    n = n_train + n_test
+    labels = np.arange(n) % C
+    views = {}
+    if pixels:
+        base = COLOURS[labels][:, None, None, :, None, None].astype(np.float32)
+        for stream in ("face", "context"):
+            x = base + rng.integers(-40, 40, size=(n, S, K, 3, 224, 224), dtype=np.int16)
+            for s in range(S):
+                x[:, s, :, :, 60:100, 40 * s: 40 * s + 40] = 255
+            views[f"pixels_{stream}"] = np.clip(x, 0, 255).astype(np.uint8)
+    feats = rng.normal(size=(n, S, K, 512)).astype(np.float16)
+    return build_store_from_arrays(
+        path, face=feats, context=feats, labels=labels,
+        splits=["train"] * n_train + ["test"] * n_test,
+        fingerprint={"clip_spec": "random:tiny", "clip_revision": TINY.revision}, **views)
+
+
+def ft_config(cache, out, **kw) -> FinetuneConfig:
+    base = dict(cache=str(cache), out=str(out), quiet=True, device="cpu", workers=0,
+                batch_size=4, val_fraction=0, select="last", precision="fp32")
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+def trained_state(run: Path) -> dict[str, torch.Tensor]:
+    """Head weights plus the saved CLIP's weights, as one dict."""
+    state = dict(load_file(str(run / "head.safetensors")))
+    state.update({f"clip.{k}": v for k, v in load_file(str(run / "clip" / "model.safetensors")).items()})
+    return state
+
+
+@pytest.fixture(scope="module")
+def pixel_cache(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ft") / "pixels.zarr"
+    make_pixel_store(path)
+    return path
+
+
+def test_finetune_learns_changes_the_image_encoder_and_not_the_text_tower(pixel_cache, tmp_path):
+    run = tmp_path / "ft"
+    finetune(ft_config(pixel_cache, run, epochs=4, workers=1, lr_image_encoder=1e-3))
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"], history
+    assert history[0]["lr"]["image_encoder"] == 1e-3
+
+    before = TINY.model.state_dict()
+    after = load_file(str(run / "clip" / "model.safetensors"))
+    vision = [k for k in before if k.startswith(("vision_model.", "visual_projection."))]
+    text = [k for k in before if k.startswith(("text_model.", "text_projection."))]
+    assert vision and text
+    assert sum(not torch.equal(before[k], after[k]) for k in vision) >= len(vision) - 2
+    assert all(torch.equal(before[k], after[k]) for k in text)
+
+    config = json.loads((run / "config.json").read_text())
+    assert config["kind"] == "finetune" and config["clip"]["dir"] == "clip"
+    from heads import load_run
+
+    model = load_run(run)
+    ids, y_true, probs = predict_cache(model, open_store(pixel_cache), "test", pixels=True)
+    assert len(ids) == 5 and probs.shape == (5, C) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_finetune_resume_gives_identical_weights(pixel_cache, tmp_path):
+    opts = dict(epochs=2, milestones=(1,), lr_image_encoder=1e-3)
+    finetune(ft_config(pixel_cache, tmp_path / "full", **opts))
+    finetune(ft_config(pixel_cache, tmp_path / "cut", max_steps=3, **opts))  # 10 clips / 4: 3 steps
+    finetune(ft_config(pixel_cache, tmp_path / "cut", resume=True, **opts))
+    full, cut = trained_state(tmp_path / "full"), trained_state(tmp_path / "cut")
+    assert full.keys() == cut.keys()
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+
+
+def test_two_torchrun_processes_equal_one_process(pixel_cache, tmp_path):
+    """Same global batch (4 = 2 ranks x 2 clips): same weights up to the order of the
+    all-reduce's float sums (the per-clip dropout and augmentation do not depend on ranks)."""
+    opts = ["--epochs", "1", "--batch-size", "4", "--val-fraction", "0", "--select", "last",
+            "--lr-image-encoder", "1e-3", "--precision", "fp32", "--device", "cpu",
+            "--workers", "0", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-port", str(29500 + os.getpid() % 1000), str(ROOT / "cli.py"), "finetune",
+         "--cache", str(pixel_cache), "--out", str(tmp_path / "ddp"), *opts],
+        env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    finetune(ft_config(pixel_cache, tmp_path / "single", epochs=1, lr_image_encoder=1e-3))
+    single, ddp = trained_state(tmp_path / "single"), trained_state(tmp_path / "ddp")
+    moved = 0
+    initial = TINY.model.state_dict()
+    for k in single:
+        torch.testing.assert_close(ddp[k], single[k], rtol=0, atol=1e-5, msg=k)
+        if k.startswith("clip.vision_model") and not torch.equal(single[k], initial[k[5:]]):
+            moved += 1
+    assert moved > 0  # the comparison covers weights that training changed
+    # Rank 0 alone wrote the run; the metrics cover the whole epoch (both ranks' clips).
+    history = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 1 and history[0]["step"] == 3
+
+
+def test_grad_checkpointing_and_accumulation_change_nothing(pixel_cache, tmp_path):
+    opts = dict(epochs=1, max_steps=1, lr_image_encoder=1e-3)
+    finetune(ft_config(pixel_cache, tmp_path / "plain", **opts))
+    finetune(ft_config(pixel_cache, tmp_path / "ckpt", grad_checkpointing=True, **opts))
+    finetune(ft_config(pixel_cache, tmp_path / "acc", accumulate=2, **opts))
+    plain = trained_state(tmp_path / "plain")
+    for other in ("ckpt", "acc"):
+        state = trained_state(tmp_path / other)
+        for k in plain:
+            torch.testing.assert_close(state[k], plain[k], rtol=0, atol=1e-6, msg=f"{other} {k}")
+
+
+def test_bf16_autocast_runs_on_cpu(pixel_cache, tmp_path):
+    result = finetune(ft_config(pixel_cache, tmp_path / "bf16", epochs=1, max_steps=1,
+                                precision="bf16"))
+    assert result["steps"] == 1 and np.isfinite(result["train_loss"])
+
+
+def test_init_from_a_train_head_run_starts_from_its_head(pixel_cache, tmp_path):
+    head = tmp_path / "head"
+    train_head(TrainConfig(cache=str(pixel_cache), out=str(head), epochs=1, val_fraction=0,
+                           select="last", quiet=True, device="cpu"))
+    # All learning rates 0: one step leaves the warm-started weights as they were.
+    finetune(ft_config(pixel_cache, tmp_path / "ft", init=str(head), epochs=1, max_steps=1,
+                       lr_temporal=0, lr_prompt=0, lr_fusion=0, lr_image_encoder=0))
+    start, after = load_file(str(head / "head.safetensors")), trained_state(tmp_path / "ft")
+    assert all(torch.equal(start[k], after[k]) for k in start)
+    with pytest.raises(CaerError, match="--n-ctx 4 differs from the --init run's 8"):
+        finetune(ft_config(pixel_cache, tmp_path / "ft2", init=str(head), n_ctx=4))
+
+
+def test_finetune_without_stored_crops_is_refused(tmp_path):
+    make_pixel_store(tmp_path / "nopix.zarr", pixels=False)
+    with pytest.raises(CaerError, match="extract .*--pixels"):
+        finetune(ft_config(tmp_path / "nopix.zarr", tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(CaerError, match="--precision fp16 needs CUDA"):
+        finetune(ft_config(tmp_path / "nopix.zarr", tmp_path / "run", precision="fp16"))
+    with pytest.raises(CaerError, match="divisible"):
+        finetune(ft_config(tmp_path / "nopix.zarr", tmp_path / "run", accumulate=3))
+
+
+def test_augmentation_rotates_within_4_degrees_and_flips_per_clip(pixel_cache):
+    frame = torch.zeros(1, 3, 64, 64)
+    frame[..., 2:10, 28:36] = 1.0  # a square at the top centre
+    assert not torch.equal(augment_clip(frame, 4.0, flip=False), frame)
+    assert torch.equal(augment_clip(frame, 0.0, flip=True), frame.flip(-1))
+    quarter = augment_clip(frame, 90.0, flip=False)[0, 0]  # counter-clockwise: top -> left
+    assert quarter[29:35, 3:9].min() > 0.9 and quarter[:, 16:].max() < 0.05
+    small = augment_clip(frame, 4.0, flip=False)[0, 0]  # 4 degrees moves it about 2 pixels left
+    assert small[:, :32].sum() > small[:, 32:].sum()
+    store = open_store(pixel_cache)
+    labels = store.manifest["label"].to_numpy()
+    data = PixelClips(str(pixel_cache), np.arange(4), labels[:4], train=True, seed=0, candidates=K)
+    face, context, label, row = data[2]
+    assert face.shape == (S, 3, 224, 224) and 0 <= face.min() and face.max() <= 1 and row == 2
+    again = data[2]
+    assert torch.equal(face, again[0])  # a clip's draws are fixed by (seed, epoch, clip)
+    data.set_epoch(1)
+    assert not torch.equal(face, data[2][0])
+    evaluation = PixelClips(str(pixel_cache), np.arange(4), labels[:4], train=False, candidates=K)
+    raw = torch.from_numpy(store.pixels("face")[2][:, K // 2]).float() / 255
+    assert torch.equal(evaluation[2][0], raw)  # middle candidate, no augmentation
