@@ -14,9 +14,9 @@ fresh process on a synthetic RAER-sized cache (2,160 train + 540 test clips, 16 
 features) whose fingerprint names random:vit-b-32, so the run loads and runs that text tower.
 Wall time and the process's peak RSS are measured from outside (wait4).
 
-Prompt length: random: CLIPs tokenize one byte per token, so the RAER descriptors would fill
-all 77 positions. Both parts use the RAER descriptors cut to the length at which CLIP's real BPE
-tokenizer ends them (EOT at positions 33, 32, 36, 36, 37, as in
+Prompt length: the random: CLIPs' tokenizer (a byte-level BPE learned from the built-in
+descriptors) ends the RAER prompts a few tokens earlier than CLIP's real one. Both parts pad the
+RAER descriptors to the length at which CLIP's real BPE tokenizer ends them (EOT at positions 33, 32, 36, 36, 37, as in
 benchmarks/bench_text_truncation.py), so the text tower does the real model's work.
 
 Example:
@@ -50,20 +50,9 @@ from cache import build_store_from_arrays  # noqa: E402
 from heads.model import CaerModel, HeadConfig  # noqa: E402
 from heads.train import _StepModel, _use_sample_dropout, sample_dropout  # noqa: E402
 from pipeline.clip import build_random_clip  # noqa: E402
-from pipeline.labels import RAER5, LabelClass, LabelSet  # noqa: E402
+from pipeline.labels import RAER5  # noqa: E402
 
-RAER_EOT_POSITIONS = (33, 32, 36, 36, 37)  # CLIP's BPE: "[SOS] X*8 <descriptor> [EOT]"
-N_CTX = 8
-
-
-def bpe_length_labels() -> LabelSet:
-    """RAER5 with each descriptor cut so that a byte-level tokenizer puts its EOT where CLIP's
-    BPE tokenizer puts the real descriptor's: [SOS] at 0, context 1..8, text, then EOT."""
-    classes = []
-    for c, eot in zip(RAER5.classes, RAER_EOT_POSITIONS):
-        text = c.descriptor[:eot - 1 - N_CTX]
-        classes.append(LabelClass(c.name, text, text))
-    return LabelSet("raer5-bpe-length", tuple(classes))
+from bench_text_truncation import bpe_length_labels  # noqa: E402
 
 
 def time_steps(model, pixels: bool, face, context, labels, steps: int, warmup: int,

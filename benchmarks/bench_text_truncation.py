@@ -6,8 +6,7 @@ mask no position after a prompt's EOT can influence its EOT output, so the tower
 the longest EOT instead of running all 77 positions (tests/test_model.py proves equality).
 
 Setup: the random:vit-b-32 text tower (the real ViT-B/32 shapes: 12 layers, width 512), the five
-RAER prompts with 8 context tokens. The byte-level tokenizer of random: CLIPs would make every
-RAER prompt fill 77 tokens, so the prompts end where CLIP's real BPE tokenizer ends them:
+RAER prompts with 8 context tokens, padded so that they end where CLIP's real BPE tokenizer ends them:
 EOT at positions 33, 32, 36, 36 and 37 (the original code's tokenized prompts in
 ../shared/reference/official-tiny). Each repeat times one forward + backward of the text side of
 a training step; full and truncated runs alternate so that background load hits both alike.
@@ -34,10 +33,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from heads.model import CaerModel, HeadConfig, tokenize_prompts  # noqa: E402
 from pipeline.clip import build_random_clip  # noqa: E402
-from pipeline.labels import RAER5  # noqa: E402
+from pipeline.labels import RAER5, LabelClass, LabelSet  # noqa: E402
 
 # Where CLIP's BPE tokenizer puts the EOT of "[SOS] X*8 <RAER descriptor>" for the five classes.
-RAER_EOT_POSITIONS = (33, 32, 36, 36, 37)
+RAER_EOT_POSITIONS = (33, 32, 36, 36, 37)  # CLIP's BPE: "[SOS] X*8 <descriptor> [EOT]"
+N_CTX = 8
+
+
+def bpe_length_labels() -> LabelSet:
+    """RAER5 with each descriptor padded or cut so that the random: CLIPs' tokenizer puts its
+    EOT where CLIP's real BPE tokenizer puts the real descriptor's ([SOS] at 0, context 1..8,
+    text, then EOT): the text tower then does exactly the real model's work."""
+    tokenizer = build_random_clip("tiny").tokenizer
+
+    def n_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    classes = []
+    for c, eot in zip(RAER5.classes, RAER_EOT_POSITIONS):
+        want, text = eot - 1 - N_CTX, c.descriptor
+        while n_tokens(text) < want:
+            text += " a"
+        while n_tokens(text) > want:
+            text = text[:-1]
+        classes.append(LabelClass(c.name, text, text))
+    return LabelSet("raer5-bpe-length", tuple(classes))
 
 
 def step(model: CaerModel, video: torch.Tensor, labels: torch.Tensor, truncate: bool) -> float:
@@ -63,15 +83,12 @@ def main() -> None:
 
     clip = build_random_clip(args.clip)
     context_length = clip.model.config.text_config.max_position_embeddings
-    eos, pad = clip.tokenizer.eos_token_id, clip.tokenizer.pad_token_id
-    # Byte-level ids are placeholders here (they fill all 77 positions); only where each prompt
-    # ends matters for the cost, so the EOT goes where CLIP's BPE tokenizer puts it.
-    logging.getLogger("caer").setLevel(logging.ERROR)
-    ids = tokenize_prompts(clip.tokenizer, RAER5.descriptors(), 8, context_length)
-    for row, eot in zip(ids, RAER_EOT_POSITIONS):
-        row[eot], row[eot + 1:] = eos, pad
+    eos = clip.tokenizer.eos_token_id
+    labels_set = bpe_length_labels()
+    ids = tokenize_prompts(clip.tokenizer, labels_set.descriptors(), N_CTX, context_length)
+    assert tuple((ids == eos).int().argmax(1).tolist()) == RAER_EOT_POSITIONS
     torch.manual_seed(0)
-    model = CaerModel(HeadConfig(), clip, RAER5, prompt_token_ids=ids).train()
+    model = CaerModel(HeadConfig(), clip, labels_set, prompt_token_ids=ids).train()
     model.param_groups(1e-2, 1e-3, 1e-5)  # trains the context, as train-head does
     video = torch.nn.functional.normalize(torch.randn(8, clip.feature_dim), dim=-1)
     labels = torch.arange(8) % len(RAER5)

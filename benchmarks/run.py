@@ -5,6 +5,7 @@
     python benchmarks/run.py --only extract,head      # a subset (by name; see --list)
     python benchmarks/run.py --quick                  # small sizes: checks that everything runs
     python benchmarks/run.py --docs                   # ...and rewrite docs/benchmarks.md from it
+    python benchmarks/run.py --only head --skip-full-run   # one script, with its own arguments
 
 Each benchmark is its own script in benchmarks/ (also runnable alone); this runs each one in a
 fresh process, so one script's memory does not inflate another's peak, and records for each:
@@ -208,6 +209,7 @@ class Outcome:
     data: dict | None = None
     figures: list[dict] = field(default_factory=list)
     error: str | None = None
+    extra_args: list[str] = field(default_factory=list)  # beyond the recorded defaults
 
 
 def _rel(path: Path) -> str:
@@ -238,7 +240,7 @@ def run_one(bench: Benchmark, device: str, quick: bool, extra: list[str],
     wall = time.perf_counter() - start
     outcome = Outcome(bench.name, shown, status, round(wall, 2),
                       round(usage.ru_maxrss / 1024, 1), load_before, os.getloadavg(),
-                      _rel(json_path))
+                      _rel(json_path), extra_args=list(extra))
     if status != 0:
         outcome.error = f"exit status {status}"
     elif not json_path.is_file():
@@ -265,8 +267,8 @@ def write_combined(path: Path, outcomes: list[Outcome], *, complete: bool, start
             "what": BY_NAME[o.name].what, "command": shlex.join(o.command),
             "status": o.status, "error": o.error, "wall_s": o.wall_s,
             "peak_rss_mib": o.peak_rss_mib, "load_before": o.load_before,
-            "load_after": o.load_after, "json": o.json_path, "figures": o.figures,
-            "results": o.data} for o in outcomes],
+            "load_after": o.load_after, "json": o.json_path, "extra_args": o.extra_args,
+            "figures": o.figures, "results": o.data} for o in outcomes],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
@@ -331,8 +333,12 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --docs records measurements, and a --quick run is a smoke test; drop one "
               "of them", file=sys.stderr)
         return 2
+    if extra and len(chosen) != 1:
+        print(f"error: unknown argument(s) {shlex.join(extra)}; arguments for a benchmark script "
+              f"go through only with a single --only NAME", file=sys.stderr)
+        return 2
     if extra:
-        print(f"passing {shlex.join(extra)} to every benchmark script", flush=True)
+        print(f"passing {shlex.join(extra)} to benchmarks/{chosen[0].script}", flush=True)
 
     results_dir = RESULTS / "quick" if args.quick else RESULTS
     results_dir.mkdir(parents=True, exist_ok=True)

@@ -61,6 +61,15 @@ def _machine(m: dict) -> str:
 
 def render(results: list[dict]) -> str:
     out = [HEADER]
+    from run import BENCHMARKS  # benchmarks/run.py: the list of every benchmark
+
+    measured = {b["name"] for data in results for b in data.get("benchmarks", [])
+                if not b.get("error")}
+    missing = [b for b in BENCHMARKS if b.name not in measured]
+    if missing:
+        out.append("**Not measured in the runs below**: "
+                   + "; ".join(f"{b.name} (`python benchmarks/run.py --only {b.name}`)"
+                               for b in missing) + ".\n")
     for data in results:
         m = data.get("machine", {})
         cores = m.get("cores") or m.get("logical_cpus") or 1
@@ -82,6 +91,9 @@ def render(results: list[dict]) -> str:
                        f"load average {bench['load_before'][0]:.1f} before / "
                        f"{bench['load_after'][0]:.1f} after"
                        + (" **(measured under load: noisy)**" if loaded else ""))
+            if bench.get("extra_args"):
+                out.append(f"- Run with extra arguments `{' '.join(bench['extra_args'])}`: "
+                           f"figures that only its default run measures are missing")
             out.append(f"- Raw results: `{bench['json']}`\n")
             if bench.get("error"):
                 out.append(f"**FAILED**: {bench['error']}. No figures.\n")
@@ -95,8 +107,9 @@ def render(results: list[dict]) -> str:
             for f in figures:
                 met = {True: "yes", False: "**no**"}.get(f.get("met"), "")
                 note = f" ({f['note']})" if f.get("note") else ""
-                out.append(f"| {f['name']}{note} | {_value(f['value'], f.get('unit') or '')} | "
-                           f"{f.get('goal') or ''} | {met} |")
+                cells = [f"{f['name']}{note}", _value(f["value"], f.get("unit") or ""),
+                         str(f.get("goal") or ""), met]
+                out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
             out.append("")
     return "\n".join(out).rstrip() + "\n"
 

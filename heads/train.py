@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from heads.data import FeatureBank, PixelClips, Splits, clip_generator, clip_seed, split_clips
+from heads.metrics import compute_report
 from pipeline.errors import CaerError
 
 log = logging.getLogger("caer")
@@ -446,7 +447,7 @@ def _train_epoch(step_model, model, loader, optimizer, scaler, config, seed, epo
         dist.all_gather_object(gathered, (y, p))
         y, p = torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
         dist.all_reduce(total)
-    uar, war = uar_war(y.numpy(), p.numpy())
+    uar, war = uar_war(y.numpy(), p.numpy(), model.labels.names)
     return {"loss": float(total[0] / max(total[1], 1)), "uar": uar, "war": war, "partial": partial}
 
 
@@ -473,17 +474,14 @@ def _validate(model, store, bank, splits: Splits, pixels, device, precision, con
         log_probs, y = torch.cat(chunks), torch.cat(labels)
     if not torch.isfinite(log_probs).all():
         raise CaerError("non-finite validation outputs; the model diverged (lower the lrs)")
-    uar, war = uar_war(y.numpy(), log_probs.argmax(-1).numpy())
+    uar, war = uar_war(y.numpy(), log_probs.argmax(-1).numpy(), model.labels.names)
     return {"uar": uar, "war": war, "loss": float(F.nll_loss(log_probs, y))}
 
 
-def uar_war(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[float | None, float | None]:
-    """UAR (mean recall over the classes present) and WAR (accuracy), as heads.metrics."""
-    if len(y_true) == 0:
-        return None, None
-    present = np.unique(y_true)
-    recalls = [float((y_pred[y_true == c] == c).mean()) for c in present]
-    return float(np.mean(recalls)), float((y_true == y_pred).mean())
+def uar_war(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> tuple[float | None, float | None]:
+    """UAR and WAR as ``evaluate`` reports them, without its absent-class warning per epoch."""
+    report = compute_report(y_true, y_pred, classes, warn=False)
+    return report.uar, report.war
 
 
 def _feature_batch(bank: FeatureBank, positions, seed: int, epoch: int):

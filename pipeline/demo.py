@@ -44,8 +44,9 @@ class DemoClass:
     frame_folders: bool = False  # stored as RAER-style JPEG folders + list files
 
 
-# Descriptors stay under 60 characters: random:tiny's byte-level tokenizer spends one token
-# per character and CLIP's context is 77 tokens, 8 of them the learnable prompt.
+# Descriptors stay short: random:tiny's tokenizer learned its merges from the built-in RAER and
+# CAER descriptors, so other words split into many tokens (these take 23-31), and CLIP's
+# context is 77 tokens, 8 of them the learnable prompt; a longer one would be cut.
 CLASSES = (
     DemoClass("driver", "carphone_pristine.mp4", "car",
               "A young man talks in the back seat of a car.",
@@ -421,11 +422,13 @@ def run_demo(config: DemoConfig) -> dict:
     folders = [c.name for c in CLASSES if c.frame_folders]
     echo(f"      {data.n_clips} clips in {_short(data.root)}/ ({time.perf_counter() - t:.0f} s); "
          f"splits {', '.join(f'{n} {s}' for s, n in splits.items())}, stratified")
-    echo(f"      classes: {', '.join(c.name for c in CLASSES)}: scenes, not emotions, so the "
-         f"demo has its own\n      label set ({_short(data.labels)}, a model for --labels FILE)")
+    echo(f"      classes: {', '.join(c.name for c in CLASSES)}\n"
+         f"      (scenes, not emotions: the demo has its own label set, "
+         f"{_short(data.labels)}, a model for --labels FILE)")
     echo(f"      {', '.join(folders)}: RAER-style frame folders + list files "
-         f"{', '.join(p.name for p in data.list_files.values())}; the rest: MP4s in "
-         f"{data.videos_csv.name} (columns id, path, label, split, scene, lighting)\n")
+         f"{', '.join(p.name for p in data.list_files.values())};\n"
+         f"      the others: MP4s in {data.videos_csv.name} (columns id, path, label, split, "
+         f"scene, lighting)\n")
 
     # ---------------------------------------------------------------- 2. extract
     cache = out / "cache.zarr"
@@ -487,9 +490,9 @@ def run_demo(config: DemoConfig) -> dict:
     chance = 1 / len(CLASSES)
     echo(f"\nconfusion matrix: {png}\ntraining curves:  {run / 'curves.png'}\n")
     echo(click.style("What these numbers mean.", bold=True)
-         + " random:tiny is an UNTRAINED CLIP: its features carry no learned meaning, so this "
-           "UAR\nsays only that the pipeline runs end to end and that the head learns scenes "
-           "that differ visibly\n(colour, layout, motion). It says nothing about emotions.\n")
+         + " random:tiny is an UNTRAINED CLIP: its features carry no learned\nmeaning, so this "
+           "UAR says only that the pipeline runs end to end and that the head learns\nscenes "
+           "that differ visibly (colour, layout, motion). It says nothing about emotions.\n")
     echo(click.style("On a real dataset with real CLIP weights", bold=True)
          + " (the paper's ViT-B/32, downloaded once from the\nHugging Face hub; "
            "docs/reproducing.md has the full recipe):\n")
@@ -507,7 +510,7 @@ def run_demo(config: DemoConfig) -> dict:
     echo("")
     echo(click.style(f"demo finished in {seconds:.0f} s: test UAR {100 * uar:.1f}% (chance "
                      f"{100 * chance:.0f}%, untrained features) on {evaluation.report.n} "
-                     f"clips; confusion matrix: {png}", bold=True))
+                     f"clips\nconfusion matrix: {png}", bold=True))
     summary_out = {"out": str(out), "seconds": round(seconds, 1), "clip": DEMO_CLIP,
                    "n_clips": data.n_clips, "splits": splits, "uar": uar,
                    "war": evaluation.report.war, "chance": chance,

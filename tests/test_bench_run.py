@@ -56,6 +56,10 @@ def test_a_missing_script_stops_the_run_before_anything_runs(bench_dir, capsys):
     assert not (bench_dir / "results").exists()
     assert bench_run.main(["--only", "nosuch"]) == 2
     assert "unknown benchmark" in capsys.readouterr().err
+    # A script's own arguments go through only when one script runs.
+    assert bench_run.main(["--only", "good,plain", "--repeats", "3"]) == 2
+    assert "single --only NAME" in capsys.readouterr().err
+    assert not (bench_dir / "results").exists()
 
 
 def test_figures_failures_and_the_docs_page(bench_dir, capsys):
