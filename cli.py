@@ -26,10 +26,6 @@ CLIP_HELP = ("CLIP to use: a Hugging Face id (default: the paper's "
              "random:tiny|random:vit-b-32|random:vit-b-16 (untrained, offline; tests and timing).")
 
 
-def _not_built(name: str):
-    raise CaerError(f"'{name}' is not built yet in caer-kit {__version__}", exit_code=1)
-
-
 class CaerGroup(click.Group):
     """Turns a CaerError into one line on stderr and its exit status, never a traceback."""
 

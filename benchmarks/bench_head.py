@@ -31,7 +31,6 @@ import json
 import math
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -98,6 +97,16 @@ def per_epoch(args, device) -> dict:
     }
 
 
+def _vm_hwm_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:  # the process just ended
+        pass
+    return 0
+
+
 def full_run(args, workdir: Path) -> dict:
     clip = build_random_clip(args.clip)
     rng = np.random.default_rng(0)
@@ -119,13 +128,20 @@ def full_run(args, workdir: Path) -> dict:
     command = [sys.executable, str(ROOT / "cli.py"), "train-head", "--cache", str(cache),
                "--out", str(run), "--epochs", str(args.epochs), "--device", args.device, "--quiet"]
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output, _ = process.communicate()
+    log_path = workdir / "train-head.log"
+    peak_kib = 0
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, text=True)
+        # VmHWM of the child's own address space. getrusage(RUSAGE_CHILDREN) would carry this
+        # process's peak (15 GB after the end-to-end steps above) over fork+exec into the child.
+        while process.poll() is None:
+            peak_kib = max(peak_kib, _vm_hwm_kib(process.pid))
+            time.sleep(0.5)
     wall = time.perf_counter() - started
-    # ru_maxrss of this one child (wait4 via communicate) in KiB on Linux.
-    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    peak_mib = peak_kib / 1024
     if process.returncode:
-        raise SystemExit(f"train-head failed ({process.returncode}):\n{output[-3000:]}")
+        raise SystemExit(f"train-head failed ({process.returncode}):\n"
+                         f"{log_path.read_text()[-3000:]}")
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return {
         "command": " ".join(command), "clips": {"train": args.train_clips, "test": args.test_clips},

@@ -81,6 +81,8 @@ def render(results: list[dict]) -> str:
                        f"benchmark(s); the others were not measured.\n")
         out.append(f"- Machine: {_machine(m)}")
         out.append(f"- Command: `{data.get('command', '?')}`\n")
+        if data.get("note"):  # what the JSON cannot tell, e.g. other work on the machine
+            out.append(f"**Note**: {data['note']}\n")
         for bench in data.get("benchmarks", []):
             loaded = max(bench.get("load_before", [0])[0], bench.get("load_after", [0])[0]) > cores
             out.append(f"### {bench['name']}\n")

@@ -86,6 +86,7 @@ class LoadedClip:
         return _pooled(self.model.get_text_features(input_ids=tokens["input_ids"].to(device)))
 
     def save(self, directory: str | os.PathLike) -> None:
+        _quiet_transformers()
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
 
@@ -210,9 +211,17 @@ def load_clip(spec: str = DEFAULT_CLIP, device: str | torch.device = "cpu") -> L
     return loaded
 
 
+def _quiet_transformers() -> None:
+    # Its per-shard progress bars would interleave with ours for a sub-second load or save.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _load_pretrained(source: str, spec: str, local: bool) -> LoadedClip:
     from transformers import AutoTokenizer, CLIPModel
 
+    _quiet_transformers()
     # Offline or unreachable hub: use the local cache only, instead of retrying for 25 s.
     cached_only = {} if local or _hub_reachable() else {"local_files_only": True}
     try:
