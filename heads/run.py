@@ -85,11 +85,8 @@ def save_run(directory: str | os.PathLike, model: CaerModel, *, kind: str, train
 
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG).unlink(missing_ok=True)  # an interrupted save leaves no config.json
-    # A finetune run's image encoder was trained even when the model handed in here was
-    # rebuilt from a checkpoint without going through param_groups.
-    encoder_trained = bool(model.image_encoder_trained or kind == "finetune")
     clip_info = {"spec": model.clip_spec, "revision": model.clip_revision, "dir": None,
-                 "weights_digest": None, "image_encoder_trained": encoder_trained}
+                 "weights_digest": None, "image_encoder_trained": model.image_encoder_trained}
     if save_clip:
         LoadedClip(model.clip, model.tokenizer, model.clip_spec, model.clip_revision).save(
             directory / CLIP_DIR)
@@ -210,6 +207,5 @@ def load_run(directory: str | os.PathLike, device: str | torch.device = "cpu") -
                        f"from different runs")
     model.load_state_dict(state, strict=False)
     model.image_encoder_trained = (bool(clip_info.get("image_encoder_trained"))
-                                   or config.get("kind") == "finetune"
                                    or any(k.startswith(_IMAGE_ENCODER) for k in state))
     return model.to(device).eval()

@@ -384,10 +384,6 @@ def fit(config: TrainConfig, kind: str, seed: int, run_dir: Path) -> dict:
 
         _plot_curves(history, run_dir / CURVES)  # once: a figure per epoch costs more than an epoch
         model.to("cpu")
-        if config.quiet:  # transformers' save_pretrained draws its own bar
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
         save_run(run_dir, model, kind=kind, train_options=options, cache_fingerprint=fingerprint,
                  extra=result, save_clip=True if pixels else None)
         log.info("saved %s (epoch %s weights%s)", run_dir, result["selected_epoch"],
