@@ -106,6 +106,17 @@ def moving_square_frames(n: int = 32, size: tuple[int, int] = (96, 128),
 
 
 @pytest.fixture
+def one_torch_thread():
+    """Tiny models train faster on one thread than on two fighting other processes."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def video_writer():
     return write_video
 

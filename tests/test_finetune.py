@@ -27,12 +27,7 @@ C, S, K = 5, 4, 2
 COLOURS = np.array([[220, 30, 30], [30, 200, 40], [40, 40, 230], [230, 220, 30], [200, 40, 210]])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_pixel_store(path, *, n_train=10, n_test=5, pixels=True, seed=0):

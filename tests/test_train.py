@@ -24,13 +24,7 @@ TINY_REVISION = build_random_clip("tiny").revision
 C, D = 5, 512
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are tiny: one thread is faster than two fighting other processes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_store(path, *, n_train=40, n_test=10, segments=4, candidates=2, signal=1.0,
