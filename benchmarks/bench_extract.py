@@ -44,7 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from pipeline.extract import ExtractConfig, cpu_has_native_bf16, run_extract  # noqa: E402
+from pipeline.clip import cpu_has_native_bf16  # noqa: E402
+from pipeline.extract import ExtractConfig, run_extract  # noqa: E402
 
 
 def raer_like_clips(directory: Path, n: int, frames: int = 36, size=(1080, 1920)) -> list[Path]:

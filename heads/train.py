@@ -28,6 +28,7 @@ from torch import nn
 
 from heads.data import FeatureBank, PixelClips, Splits, clip_generator, clip_seed, split_clips
 from heads.metrics import compute_report
+from pipeline.clip import resolve_precision
 from pipeline.errors import CaerError
 
 log = logging.getLogger("caer")
@@ -265,7 +266,7 @@ def fit(config: TrainConfig, kind: str, seed: int, run_dir: Path) -> dict:
                                 weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.milestones),
                                                      config.gamma)
-    precision = _precision(config, device) if pixels else "fp32"
+    precision = resolve_precision(config.precision, device.type) if pixels else "fp32"
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     state = State()
     if checkpoint is not None:
@@ -602,17 +603,6 @@ def _device(config) -> torch.device:
     if not _want_cuda(config):
         return torch.device("cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def _precision(config, device: torch.device) -> str:
-    if config.precision != "auto":
-        if config.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise CaerError("--precision bf16: this GPU has no bf16; use fp16 or fp32")
-        return config.precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    # bf16 autocast on a CPU without native bf16 (AVX512-BF16/AMX) is emulated and slower.
-    return "bf16" if torch.cpu._is_avx512_bf16_supported() else "fp32"
 
 
 def _autocast(device: torch.device, precision: str):

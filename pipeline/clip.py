@@ -185,6 +185,32 @@ def build_random_clip(shape: str, seed: int = RANDOM_SEED) -> LoadedClip:
     return LoadedClip(model, tokenizer, f"random:{shape}", f"seed{seed}-{weights_digest(model)}")
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """The precision CLIP runs at: ``auto`` is bf16 on CUDA when the GPU has it (else fp16),
+    bf16 on a CPU with native bf16, else fp32."""
+    if precision == "auto":
+        if device_type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    if precision == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise CaerError("--precision bf16: this GPU has no bf16; use fp16 or fp32")
+    if precision == "bf16" and device_type == "cpu" and not cpu_has_native_bf16():
+        # Without AVX512-BF16/AMX torch falls back to a slow bf16 matmul, worst in backward.
+        log.warning("--precision bf16: this CPU has no native bf16 (AVX512-BF16/AMX), so torch "
+                    "emulates it, many times slower than fp32 (docs/benchmarks.md); "
+                    "--precision auto picks fp32 here")
+    return precision
+
+
 def weights_digest(model: torch.nn.Module) -> str:
     """A short hash of every parameter, so a fingerprint names the exact weights."""
     h = hashlib.sha256()

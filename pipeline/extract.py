@@ -34,7 +34,7 @@ from cache.store import (ClipResult, ClipRow, StoreError, StoreWriter, create_za
                          describe_mismatch, export_hdf5, fingerprint_mismatch, import_hdf5,
                          is_hdf5, make_fingerprint, open_store, remove_store,
                          staging_path)
-from pipeline.clip import DEFAULT_CLIP
+from pipeline.clip import DEFAULT_CLIP, resolve_precision
 from pipeline.errors import CaerError
 
 log = logging.getLogger("caer")
@@ -289,28 +289,6 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise CaerError("--device cuda: no CUDA device is available (try --device cpu)")
     return device
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is
-    emulated and slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        import torch
-
-        return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(precision: str, device: str) -> str:
-    import torch
-
-    if precision != "auto":
-        return precision
-    if device == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
 class BatchEncoder:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from cache import build_store_from_arrays, open_store
 from heads.data import PixelClips, augment_clip
 from heads.train import FinetuneConfig, TrainConfig, finetune, predict_cache, train_head
-from pipeline.clip import build_random_clip
+from pipeline.clip import build_random_clip, resolve_precision
 from pipeline.errors import CaerError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,6 +148,23 @@ def test_bf16_autocast_runs_on_cpu(pixel_cache, tmp_path):
     result = finetune(ft_config(pixel_cache, tmp_path / "bf16", epochs=1, max_steps=1,
                                 precision="bf16"))
     assert result["steps"] == 1 and np.isfinite(result["train_loss"])
+
+
+def test_precision_auto_follows_the_cpu_and_emulated_bf16_is_warned(monkeypatch, caplog):
+    import pipeline.clip as clip_module
+
+    monkeypatch.setattr(clip_module, "cpu_has_native_bf16", lambda: False)
+    assert resolve_precision("auto", "cpu") == "fp32"
+    with caplog.at_level("WARNING", logger="caer"):
+        assert resolve_precision("bf16", "cpu") == "bf16"
+    assert "no native bf16" in caplog.text and "--precision auto picks fp32" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(clip_module, "cpu_has_native_bf16", lambda: True)
+    with caplog.at_level("WARNING", logger="caer"):
+        assert resolve_precision("auto", "cpu") == "bf16"
+        assert resolve_precision("bf16", "cpu") == "bf16"
+        assert resolve_precision("fp32", "cpu") == "fp32"
+    assert caplog.text == ""
 
 
 def test_init_from_a_train_head_run_starts_from_its_head(pixel_cache, tmp_path):
