@@ -41,6 +41,7 @@ log = logging.getLogger("caer")
 
 # Test hook: SIGKILL this process after it has written this many clips (kill -9 tests).
 KILL_AFTER_ENV = "CAER_TEST_KILL_AFTER_CLIPS"
+CRASH_ON_ENV = "CAER_TEST_CRASH_ON_CLIP"  # tests: a worker segfaults on the clip path ending so
 
 
 @dataclass
@@ -199,6 +200,9 @@ def prepare_clip(task: dict) -> dict:
     """Decode, detect and crop one clip (runs in a worker). Never raises for a bad clip."""
     from pipeline.video import ClipError
 
+    crash_on = os.environ.get(CRASH_ON_ENV)
+    if crash_on and task["path"].endswith(crash_on):
+        os.kill(os.getpid(), signal.SIGSEGV)
     try:
         return _prepare(task)
     except ClipError as err:
@@ -594,7 +598,7 @@ def _run_share(cfg: ExtractConfig, d: Dist, target: Path, clip, encoder: BatchEn
     finally:
         t0 = time.perf_counter()
         if pool is not None:
-            pool.shutdown(cancel_futures=True)
+            pool.shutdown()
         t_startup += time.perf_counter() - t0
     writer.close()
     return d.sum(done), t_process, t_startup
@@ -661,23 +665,50 @@ def warm_worker(task: dict, hold: float = 0.2) -> int:
     return os.getpid()
 
 
-def start_pool(cfg: ExtractConfig, sample_task: dict | None):
+class WorkerPool:
+    """The spawned decoding workers, warmed up; ``restart`` replaces a pool a crash broke."""
+
+    def __init__(self, cfg: ExtractConfig, sample_task: dict):
+        self.cfg, self.sample_task, self.executor = cfg, sample_task, None
+        self.restart()
+
+    def restart(self) -> None:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, wait
+
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+        self.executor = ProcessPoolExecutor(self.cfg.workers, mp_context=mp.get_context("spawn"),
+                                            initializer=_worker_init)
+        wait([self.executor.submit(warm_worker, self.sample_task)
+              for _ in range(self.cfg.workers)])
+
+    def submit(self, task: dict):
+        from concurrent.futures import Future
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return self.executor.submit(prepare_clip, task)
+        except BrokenProcessPool as err:  # broke since the last wait: the task joins the suspects
+            future = Future()
+            future.set_exception(err)
+            return future
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(cancel_futures=True)
+
+
+def start_pool(cfg: ExtractConfig, sample_task: dict | None) -> WorkerPool | None:
     """The worker pool, warmed up (None with --workers 0: the main process decodes)."""
     if sample_task is None:
         return None
     if cfg.workers == 0:
         warm_worker(sample_task, hold=0.0)
         return None
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, wait
-
-    pool = ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("spawn"),
-                               initializer=_worker_init)
-    wait([pool.submit(warm_worker, sample_task) for _ in range(cfg.workers)])
-    return pool
+    return WorkerPool(cfg, sample_task)
 
 
-def _run_pool(pool, tasks, take, cfg: ExtractConfig, fp: dict) -> None:
+def _run_pool(pool: WorkerPool, tasks, take, cfg: ExtractConfig, fp: dict) -> None:
     from concurrent.futures import FIRST_COMPLETED, wait
 
     images_per_clip = (4 if fp["flip"] else 2) * fp["segments"] * fp["candidates"]
@@ -685,19 +716,51 @@ def _run_pool(pool, tasks, take, cfg: ExtractConfig, fp: dict) -> None:
     # stays flat however many clips there are.
     limit = 2 * cfg.workers + math.ceil(cfg.batch_size / images_per_clip)
     todo = iter(tasks)
-    running = set()
+    running = {}  # future -> task
     for task in todo:
-        running.add(pool.submit(prepare_clip, task))
+        running[pool.submit(task)] = task
         if len(running) >= limit:
             break
     while running:
-        finished, running = wait(running, return_when=FIRST_COMPLETED)
-        for future in sorted(finished, key=lambda f: f.result()["index"]):
+        finished, _ = wait(running, return_when=FIRST_COMPLETED)
+        suspects = []
+        if any(_died(f) for f in finished):
+            # A worker died and the pool broke: every clip in flight fails with it.
+            wait(running)
+            finished, suspects = set(running), [running[f] for f in running if _died(f)]
+        for future in sorted((f for f in finished if not _died(f)),
+                             key=lambda f: f.result()["index"]):
             take(future.result())
+        running = {f: t for f, t in running.items() if f not in finished}
+        if suspects:
+            _isolate_crash(pool, suspects, take)
         for task in todo:
-            running.add(pool.submit(prepare_clip, task))
+            running[pool.submit(task)] = task
             if len(running) >= limit:
                 break
+
+
+def _died(future) -> bool:
+    from concurrent.futures.process import BrokenProcessPool
+
+    return isinstance(future.exception(), BrokenProcessPool)
+
+
+def _isolate_crash(pool: WorkerPool, suspects: list[dict], take) -> None:
+    """A worker died in native code (FFmpeg, MediaPipe) with these clips in flight: retry each
+    alone, so that only a clip that kills a worker by itself is recorded as failed."""
+    log.warning("extract: a worker process died with %d clip(s) in flight; retrying each alone",
+                len(suspects))
+    pool.restart()
+    for task in sorted(suspects, key=lambda t: t["index"]):
+        future = pool.submit(task)
+        if not _died(future):
+            take(future.result())
+            continue
+        take({"index": task["index"], "status": "failed",
+              "reason": "the worker process died on this clip (a crash in native code: FFmpeg "
+                        "or MediaPipe); retried alone, it died again"})
+        pool.restart()
 
 
 def summary_lines(s: ExtractSummary) -> list[str]:

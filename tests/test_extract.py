@@ -252,6 +252,26 @@ def test_random_time_kill_then_resume_gives_identical_store(dataset, tiny_clip_d
     assert _tree(cache) == _tree(reference)
 
 
+def test_a_worker_that_dies_in_native_code_costs_only_its_clip(dataset, tiny_clip_dir,
+                                                               reference, tmp_path, monkeypatch):
+    # The worker raises SIGSEGV on tiny.mp4, as a crash inside FFmpeg or MediaPipe would.
+    monkeypatch.setenv("CAER_TEST_CRASH_ON_CLIP", "tiny.mp4")
+    cache = tmp_path / "few.zarr"
+    summary = run_extract(_cfg(dataset, tiny_clip_dir, cache, workers=2))
+    assert summary.exit_code == 3 and summary.n_ok == 4 and summary.n_failed == 2
+    got, ref = open_store(cache), open_store(reference)
+    m = got.manifest.set_index("id")
+    assert m.loc["tiny.mp4", "status"] == "failed"
+    assert "worker process died on this clip" in m.loc["tiny.mp4", "reason"]
+    assert m.loc["missing.mp4", "reason"] == ref.manifest.set_index("id").loc["missing.mp4",
+                                                                              "reason"]
+    ok = (ref.manifest.id != "tiny.mp4").to_numpy() & (ref.manifest.status == "ok").to_numpy()
+    assert (got.manifest.status[ok] == "ok").all()
+    # The other clips' features are those of the uninterrupted run (batches differ: fp16 noise).
+    np.testing.assert_allclose(got.features("face")[:][ok].astype(np.float32),
+                               ref.features("face")[:][ok].astype(np.float32), atol=2e-3)
+
+
 def test_torchrun_two_ranks_equal_single_process(dataset, tiny_clip_dir, reference, tmp_path):
     cache = tmp_path / "few.zarr"
     env = dict(os.environ, OMP_NUM_THREADS="1")
