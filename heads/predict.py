@@ -1,6 +1,6 @@
 """``predict``: labels for new clips straight from disk, with no cache built by hand.
 
-Each clip goes through extract's own per-clip function (``pipeline.extract.prepare_clip``:
+Each clip goes through extract's own per-clip function (``pipeline.prepare.prepare_clip``:
 decode, the middle frame of each segment, face detection, face and context crops), with the
 preprocessing the run records, and then through the run's CLIP image encoder and head
 (``CaerModel.forward_pixels``, which applies the run's pixel normalisation). A clip predicted
@@ -93,7 +93,7 @@ def predict(cfg: PredictConfig, progress: bool = True) -> Predictions:
 
     from heads.evaluate import check_device
     from heads.run import load_run, read_run_config
-    from pipeline.extract import prepare_clip
+    from pipeline.prepare import prepare_clip
 
     if not cfg.paths:
         raise CaerError("no clip given: pass one or more video files or frame folders")

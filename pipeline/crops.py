@@ -8,7 +8,6 @@ look like the images CLIP was trained on. (PIL's bicubic antialiases when it shr
 from __future__ import annotations
 
 import numpy as np
-import torch
 from PIL import Image
 
 RESIZE_MODES = ("squash", "letterbox")
@@ -86,6 +85,8 @@ def normalize_pixels(x: torch.Tensor, normalize: str = "clip") -> torch.Tensor:
         return x
     if normalize != "clip":
         raise ValueError(f"normalize must be 'clip' or 'none', got {normalize!r}")
+    import torch
+
     from pipeline.clip import CLIP_MEAN, CLIP_STD
 
     mean = torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
@@ -96,6 +97,8 @@ def normalize_pixels(x: torch.Tensor, normalize: str = "clip") -> torch.Tensor:
 def to_clip_pixels(images, normalize: str = "clip") -> torch.Tensor:
     """uint8 images ``[N, H, W, 3]`` (numpy or torch) -> float32 ``[N, 3, H, W]``: [0, 1], then
     CLIP's mean/std unless ``normalize="none"``."""
+    import torch
+
     x = torch.as_tensor(np.asarray(images)) if not torch.is_tensor(images) else images
     if x.dtype != torch.uint8:
         raise TypeError(f"expected uint8 images, got {x.dtype}")

@@ -36,12 +36,12 @@ from cache.store import (ClipResult, ClipRow, StoreError, StoreWriter, create_za
                          staging_path)
 from pipeline.clip import DEFAULT_CLIP, resolve_precision
 from pipeline.errors import CaerError
+from pipeline.prepare import prepare_clip, warm_worker, worker_init
 
 log = logging.getLogger("caer")
 
 # Test hook: SIGKILL this process after it has written this many clips (kill -9 tests).
 KILL_AFTER_ENV = "CAER_TEST_KILL_AFTER_CLIPS"
-CRASH_ON_ENV = "CAER_TEST_CRASH_ON_CLIP"  # tests: a worker segfaults on the clip path ending so
 
 
 @dataclass
@@ -165,122 +165,6 @@ def boxes_for_clip(boxes: dict, row: ClipRow) -> dict | None:
             if best is None or len(key) > len(best):
                 best = key
     return boxes[best] if best is not None else None
-
-
-# --------------------------------------------------------------------------- worker side
-
-_DETECTOR = None
-
-
-def _worker_init() -> None:
-    # Ctrl-C goes to the main process, which shuts the pool down.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # A main process killed with SIGKILL cannot stop its workers: they stop themselves.
-    import threading
-
-    parent = os.getppid()
-
-    def watch_parent():
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch_parent, daemon=True, name="watch-parent").start()
-    os.environ.setdefault("GLOG_minloglevel", "2")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    try:
-        import torch
-
-        torch.set_num_threads(1)  # crops need none; leave the cores to the encoder
-    except ImportError:
-        pass
-
-
-def prepare_clip(task: dict) -> dict:
-    """Decode, detect and crop one clip (runs in a worker). Never raises for a bad clip."""
-    from pipeline.video import ClipError
-
-    crash_on = os.environ.get(CRASH_ON_ENV)
-    if crash_on and task["path"].endswith(crash_on):
-        os.kill(os.getpid(), signal.SIGSEGV)
-    try:
-        return _prepare(task)
-    except ClipError as err:
-        return {"index": task["index"], "status": "failed", "reason": str(err)}
-    except Exception as err:  # noqa: BLE001 - an unforeseen bad clip must not stop the run
-        text = str(err).strip().splitlines()
-        return {"index": task["index"], "status": "failed",
-                "reason": f"{type(err).__name__}: {text[0] if text else ''}".strip()}
-
-
-def _prepare(task: dict) -> dict:
-    global _DETECTOR
-    from pipeline.crops import face_crop, letterbox
-    from pipeline.video import probe_clip, read_frames, sample_indices
-
-    s, k = task["segments"], task["candidates"]
-    info = probe_clip(task["path"])
-    indices = sample_indices(info.n_frames, s, k)
-    frames = read_frames(task["path"], indices, info)
-    notes = []
-    listed = task["listed_frames"]
-    if listed >= 0 and listed != info.n_frames:
-        notes.append(f"list file says {listed} frames, {info.n_frames} on disk (disk used)")
-    if getattr(frames, "substituted", None):
-        bad = sorted(frames.substituted)
-        notes.append(f"{len(bad)} kept frame(s) did not decode (first {bad[0]}); the last "
-                     f"decoded frame stands in")
-
-    boxes = task["boxes"]
-    detections = {}
-    for number in np.unique(indices):
-        number = int(number)
-        rgb = frames[number]
-        if boxes is not None:
-            name = info.files[number] if info.kind == "frames" else str(number)
-            box = boxes.get(name)
-            detections[number] = (tuple(float(v) for v in box), 1.0) if box else (None, 0.0)
-        else:
-            wanted = (task["face_model"], task["min_face_score"])
-            if _DETECTOR is None or (_DETECTOR.model, _DETECTOR.min_score) != wanted:
-                from pipeline.faces import FaceDetector
-
-                if _DETECTOR is not None:
-                    _DETECTOR.close()
-                _DETECTOR = FaceDetector(*wanted)  # once per worker process
-            det = _DETECTOR.detect(_rgb3(rgb))
-            detections[number] = (det.box, float(det.score))
-
-    size = task["image_size"]
-    face = np.empty((s, k, size, size, 3), np.uint8)
-    context = np.empty((s, k, size, size, 3), np.uint8)
-    box = np.full((s, k, 4), np.nan, np.float32)
-    score = np.zeros((s, k), np.float32)
-    found = np.zeros((s, k), bool)
-    crops = {}
-    for si in range(s):
-        for ki in range(k):
-            number = int(indices[si, ki])
-            if number not in crops:
-                b, sc = detections[number]
-                rgb = frames[number]
-                crops[number] = (face_crop(rgb, b, task["face_margin"], size, task["face_resize"]),
-                                 letterbox(rgb, size))
-            face[si, ki], context[si, ki] = crops[number]
-            b, sc = detections[number]
-            score[si, ki] = sc
-            if b is not None:
-                box[si, ki], found[si, ki] = b, True
-    return {"index": task["index"], "status": "ok", "note": "; ".join(notes),
-            "n_frames": info.n_frames, "fps": info.fps or 0.0, "width": info.width,
-            "height": info.height, "frame_index": indices.astype(np.int32), "box": box,
-            "score": score, "found": found, "face": face, "context": context}
-
-
-def _rgb3(rgb: np.ndarray) -> np.ndarray:
-    if rgb.ndim == 2:
-        return np.repeat(rgb[:, :, None], 3, axis=2)
-    return np.ascontiguousarray(rgb[:, :, :3])
 
 
 # --------------------------------------------------------------------------- encoder side
@@ -648,23 +532,6 @@ def _process(pool, tasks: list[dict], encoder: BatchEncoder, writer: StoreWriter
     return written
 
 
-def warm_worker(task: dict, hold: float = 0.2) -> int:
-    """Import the media libraries and create the detector before the first clip arrives."""
-    global _DETECTOR
-    import pipeline.crops  # noqa: F401
-    import pipeline.video  # noqa: F401
-
-    if task["boxes"] is None:
-        from pipeline.faces import FaceDetector
-
-        if _DETECTOR is None or (_DETECTOR.model, _DETECTOR.min_score) != (
-                task["face_model"], task["min_face_score"]):
-            _DETECTOR = FaceDetector(task["face_model"], task["min_face_score"])
-        _DETECTOR.detect(np.zeros((64, 64, 3), np.uint8))
-    time.sleep(hold)  # hold this worker so that the next warm-up goes to another one
-    return os.getpid()
-
-
 class WorkerPool:
     """The spawned decoding workers, warmed up; ``restart`` replaces a pool a crash broke."""
 
@@ -679,7 +546,7 @@ class WorkerPool:
         if self.executor is not None:
             self.executor.shutdown(wait=True, cancel_futures=True)
         self.executor = ProcessPoolExecutor(self.cfg.workers, mp_context=mp.get_context("spawn"),
-                                            initializer=_worker_init)
+                                            initializer=worker_init)
         wait([self.executor.submit(warm_worker, self.sample_task)
               for _ in range(self.cfg.workers)])
 
