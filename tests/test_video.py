@@ -142,6 +142,37 @@ def test_seeking_returns_the_same_frames_as_decoding_through(lossless, monkeypat
     assert all(np.array_equal(got[i], frames[i]) for i in odd)
 
 
+def test_an_edit_list_hides_its_frames_in_probe_decode_and_seek(tmp_path):
+    # Frames stamped before 0 are pre-roll: the MP4 muxer writes an edit list that starts the
+    # clip at pts 0, so a player shows frames 3..59 only, and so must we (as the frame count,
+    # the numbering, the keyframes and the pixels, whether we seek or decode through).
+    import fractions
+
+    frames, preroll = numbered_frames(), 3
+    path = tmp_path / "edited.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264rgb", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "rgb24"
+        stream.options = {"qp": "0", "x264-params": GOP10}
+        for i, rgb in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts, frame.time_base = i - preroll, fractions.Fraction(1, 25)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    assert b"elst" in path.read_bytes()
+    shown = frames[preroll:]
+    info = probe_clip(path)
+    assert info.n_frames == len(shown)
+    assert info.keyframes == [k - preroll for k in range(10, 60, 10)]
+    through = read_frames(path, range(len(shown)), info, seek_min_gap=10**9)
+    assert all(np.array_equal(through[i], shown[i]) for i in range(len(shown)))
+    odd = [56, 0, 6, 7, 8, 1, 26, 27, 28, 0]
+    seek = read_frames(path, odd, info, seek_min_gap=0)
+    assert all(np.array_equal(seek[i], shown[i]) for i in odd)
+
+
 def test_yuv444_is_within_rounding(tmp_path):
     # libx264 at qp 0 is lossless in YUV; RGB->YUV->RGB in 8 bits rounds twice, at most a
     # couple of levels (measured: 1).
