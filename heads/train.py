@@ -18,6 +18,7 @@ import os
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from torch import nn
 
 from heads.data import FeatureBank, PixelClips, Splits, clip_generator, clip_seed, split_clips
 from heads.metrics import compute_report
-from pipeline.clip import resolve_precision
+from pipeline.clip import local_cuda_device, resolve_precision
 from pipeline.errors import CaerError
 
 log = logging.getLogger("caer")
@@ -432,9 +433,8 @@ def _train_epoch(step_model, model, loader, optimizer, scaler, config, seed, epo
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         bar.update(1)
-        if not math.isfinite(loss_sum):
-            raise CaerError(f"the training loss became {loss_sum} in epoch {epoch + 1}; lower "
-                            f"the learning rates or use --precision fp32")
+        if world == 1 and not math.isfinite(loss_sum):  # with more, all ranks check together
+            _non_finite(loss_sum, epoch)
     bar.close()
     y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
     p = torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
@@ -443,12 +443,21 @@ def _train_epoch(step_model, model, loader, optimizer, scaler, config, seed, epo
         gathered = [None] * world
         dist.all_gather_object(gathered, (y, p))
         y, p = torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
+        total = total.to(device)  # NCCL reduces CUDA tensors only
         dist.all_reduce(total)
+        total = total.cpu()
+        if not math.isfinite(float(total[0])):
+            _non_finite(float(total[0]), epoch)
     uar, war = uar_war(y.numpy(), p.numpy(), model.labels.names)
     return {"loss": float(total[0] / max(total[1], 1)), "uar": uar, "war": war, "partial": partial}
 
 
 @torch.no_grad()
+def _non_finite(loss: float, epoch: int):
+    raise CaerError(f"the training loss became {loss} in epoch {epoch + 1}; lower the learning "
+                    f"rates or use --precision fp32")
+
+
 def _validate(model, store, bank, splits: Splits, pixels, device, precision, config) -> dict:
     """Val split only (the test split is never read): middle frame, no flip, dropout off."""
     model.eval()
@@ -602,7 +611,7 @@ def _want_cuda(config) -> bool:
 def _device(config) -> torch.device:
     if not _want_cuda(config):
         return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return local_cuda_device()
 
 
 def _autocast(device: torch.device, precision: str):
@@ -628,8 +637,9 @@ def _init_distributed(config) -> tuple[int, int]:
     if not dist.is_initialized():
         cuda = _want_cuda(config)
         if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if cuda else "gloo")
+            torch.cuda.set_device(local_cuda_device())
+        # Rank 0 validates and saves while the others wait at a barrier: allow it an hour.
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=1))
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -708,7 +718,7 @@ def _restore(checkpoint: dict, model, trainable: dict, optimizer, scheduler, sca
         for p in group["params"]:
             buf = tensors.get(f"momentum.{by_name[id(p)]}")
             if buf is not None:
-                optimizer.state[p]["momentum_buffer"] = buf.clone()
+                optimizer.state[p]["momentum_buffer"] = buf.to(p.device, p.dtype, copy=True)
     from collections import Counter
 
     sched = dict(checkpoint["scheduler"])

@@ -194,14 +194,31 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def _cuda_has_native_bf16() -> bool:
+    # torch's default also says yes where bf16 is only emulated (before Ampere: V100, T4).
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def local_cuda_device() -> torch.device:
+    """This process's GPU: cuda:LOCAL_RANK under torchrun, cuda:0 when the launcher gives each
+    process one GPU of its own (CUDA_VISIBLE_DEVICES per rank, as Slurm does)."""
+    local, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if count == 1:
+        return torch.device("cuda", 0)
+    if local >= count:
+        raise CaerError(f"LOCAL_RANK is {local} but this node has {count} visible GPU(s): start "
+                        f"at most {count} processes per node (torchrun --nproc-per-node {count})")
+    return torch.device("cuda", local)
+
+
 def resolve_precision(precision: str, device_type: str) -> str:
     """The precision CLIP runs at: ``auto`` is bf16 on CUDA when the GPU has it (else fp16),
     bf16 on a CPU with native bf16, else fp32."""
     if precision == "auto":
         if device_type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            return "bf16" if _cuda_has_native_bf16() else "fp16"
         return "bf16" if cpu_has_native_bf16() else "fp32"
-    if precision == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+    if precision == "bf16" and device_type == "cuda" and not _cuda_has_native_bf16():
         raise CaerError("--precision bf16: this GPU has no bf16; use fp16 or fp32")
     if precision == "bf16" and device_type == "cpu" and not cpu_has_native_bf16():
         # Without AVX512-BF16/AMX torch falls back to a slow bf16 matmul, worst in backward.

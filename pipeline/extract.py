@@ -273,12 +273,10 @@ def _to_clip_result(result: dict, features: np.ndarray | None, fp: dict) -> Clip
 class Dist:
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
 
     @classmethod
     def from_env(cls) -> "Dist":
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                   int(os.environ.get("LOCAL_RANK", 0)))
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
 
     def init(self) -> None:
         if self.world > 1:
@@ -393,11 +391,11 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
     if cfg.face_boxes is not None:
         boxes, boxes_digest = load_face_boxes(cfg.face_boxes)
 
-    from pipeline.clip import load_clip
+    from pipeline.clip import load_clip, local_cuda_device
 
     device = resolve_device(cfg.device)
     if device == "cuda" and d.world > 1:
-        device = f"cuda:{d.local_rank}"
+        device = str(local_cuda_device())
     precision = resolve_precision(cfg.precision, device.split(":")[0])
     clip = load_clip(cfg.clip, device=device)
     fp = make_fingerprint(clip_spec=cfg.clip, clip_revision=clip.revision,

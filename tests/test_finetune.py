@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from cache import build_store_from_arrays, open_store
 from heads.data import PixelClips, augment_clip
 from heads.train import FinetuneConfig, TrainConfig, finetune, predict_cache, train_head
-from pipeline.clip import build_random_clip, resolve_precision
+from pipeline.clip import build_random_clip, local_cuda_device, resolve_precision
 from pipeline.errors import CaerError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,6 +165,28 @@ def test_precision_auto_follows_the_cpu_and_emulated_bf16_is_warned(monkeypatch,
         assert resolve_precision("bf16", "cpu") == "bf16"
         assert resolve_precision("fp32", "cpu") == "fp32"
     assert caplog.text == ""
+
+
+def test_auto_precision_on_a_gpu_with_emulated_bf16_is_fp16(monkeypatch):
+    # Before Ampere (V100, T4) torch's is_bf16_supported() says yes by counting emulation.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation)
+    assert resolve_precision("auto", "cuda") == "fp16"
+    with pytest.raises(CaerError, match="this GPU has no bf16"):
+        resolve_precision("bf16", "cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert resolve_precision("auto", "cuda") == "bf16"
+
+
+@pytest.mark.parametrize("visible, local_rank, expected", [(1, 3, 0), (4, 2, 2), (2, 3, None)])
+def test_each_rank_picks_its_gpu(monkeypatch, visible, local_rank, expected):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    if expected is None:
+        with pytest.raises(CaerError, match="LOCAL_RANK is 3 but this node has 2 visible GPU"):
+            local_cuda_device()
+    else:
+        assert local_cuda_device() == torch.device("cuda", expected)
 
 
 def test_init_from_a_train_head_run_starts_from_its_head(pixel_cache, tmp_path):
