@@ -17,13 +17,8 @@ import click
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from pipeline import __version__  # noqa: E402
-from pipeline.clip import DEFAULT_CLIP  # noqa: E402
 from pipeline.errors import CaerError  # noqa: E402
 from pipeline.extract import ExtractConfig  # noqa: E402
-
-CLIP_HELP = ("CLIP to use: a Hugging Face id (default: the paper's "
-             f"{DEFAULT_CLIP}), a local directory written by save_pretrained, or "
-             "random:tiny|random:vit-b-32|random:vit-b-16 (untrained, offline; tests and timing).")
 
 
 class CaerGroup(click.Group):
@@ -58,54 +53,49 @@ def main(verbose: bool):
                         format="%(levelname)s: %(message)s")
 
 
+def _dataclass_options(config_class, required=("cache", "out")):
+    """Click options from a config dataclass: one --flag per field, with the field's default
+    and its metadata's help, metavar and choices. Booleans are flags; tuple[str, ...] fields
+    repeat (--annotations A --annotations B); tuple[int, ...] fields take 10,15."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(config_class)
+
+    def parse_ints(ctx, param, value):
+        if value is None or isinstance(value, tuple):
+            return value
+        try:
+            return tuple(int(v) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            raise CaerError(f"--{param.name.replace('_', '-')} {value}: expected integers "
+                            f"separated by commas, e.g. 10,15") from None
+
+    def decorate(command):
+        for f in reversed(dataclasses.fields(config_class)):
+            flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+            hint, default, needed = hints[f.name], f.default, f.name in required
+            common = dict(help=meta.get("help", ""), metavar=meta.get("metavar"))
+            if hint is bool:
+                option = click.option(flag, f.name, is_flag=True, default=default,
+                                      help=common["help"])
+            elif typing.get_origin(hint) is tuple and typing.get_args(hint)[0] is str:
+                option = click.option(flag, f.name, multiple=True, required=needed, **common)
+            elif typing.get_origin(hint) is tuple:
+                option = click.option(flag, f.name, default=",".join(map(str, default)),
+                                      callback=parse_ints, show_default=True, **common)
+            else:
+                base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+                kind = click.Choice(meta["choices"]) if "choices" in meta else base[0]
+                option = click.option(flag, f.name, type=kind, default=default, required=needed,
+                                      show_default=default is not None and not needed, **common)
+            command = option(command)
+        return command
+    return decorate
+
+
 @main.command()
-@click.option("--annotations", "annotations", multiple=True, required=True, metavar="FILE",
-              help="CSV (path,label[,split,id,metadata...]) or list file (path n_frames label, "
-                   "1-based); repeat for several files.")
-@click.option("--split", multiple=True, metavar="NAME",
-              help="Split of list files: once for all, or once per --annotations, in order.")
-@click.option("--root", type=click.Path(file_okay=False), default=None,
-              help="Clip paths are relative to this [default: each annotation file's folder].")
-@click.option("--labels", default=ExtractConfig.labels, show_default=True,
-              metavar="raer5|caer7|FILE",
-              help="Label set: class names and descriptors (YAML/JSON FILE of the same shape).")
-@click.option("--clip", "clip", default=ExtractConfig.clip, show_default=True, metavar="SPEC",
-              help=CLIP_HELP)
-@click.option("--segments", default=ExtractConfig.segments, show_default=True,
-              help="Segments per clip.")
-@click.option("--candidates", default=ExtractConfig.candidates, show_default=True, metavar="K",
-              help="Frames kept per segment: 1 = the middle frame; K>1 = K evenly spaced "
-                   "frames, so training can pick one at random.")
-@click.option("--flip", is_flag=True, help="Also store features of horizontally flipped crops.")
-@click.option("--face-model", type=click.Choice(["full", "short"]),
-              default=ExtractConfig.face_model,
-              show_default=True, help="BlazeFace full range (small, far faces) or short range.")
-@click.option("--min-face-score", default=ExtractConfig.min_face_score, show_default=True,
-              help="Detections below this score count as no face (whole-frame fallback).")
-@click.option("--face-margin", default=ExtractConfig.face_margin, show_default=True,
-              help="Pixels added around a box.")
-@click.option("--face-resize", type=click.Choice(["squash", "letterbox"]),
-              default=ExtractConfig.face_resize,
-              show_default=True, help="Face crop to 224x224: stretch (the original's) or pad.")
-@click.option("--face-boxes", type=click.Path(dir_okay=False), default=None, metavar="JSON",
-              help="Precomputed boxes in the original release's layout "
-                   "({frame folder: {frame file: [x0,y0,x1,y1]}}) instead of the detector.")
-@click.option("--normalize", type=click.Choice(["clip", "none"]), default=ExtractConfig.normalize,
-              show_default=True, help="CLIP mean/std, or [0,1] pixels as the original code fed.")
-@click.option("--pixels", is_flag=True, help="Also store the uint8 224x224 crops (finetune).")
-@click.option("--batch-size", default=ExtractConfig.batch_size, show_default=True,
-              help="Images per encoder batch.")
-@click.option("--workers", default=ExtractConfig.workers, show_default=True,
-              help="Decode/detect processes (0: in the main process).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=ExtractConfig.device,
-              show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-              default=ExtractConfig.precision, show_default=True,
-              help="auto: bf16 on CPUs with native bf16, bf16/fp16 on CUDA, else fp32.")
-@click.option("--cache", default=ExtractConfig.cache, show_default=True, metavar="PATH",
-              help="A .zarr directory, or a .h5 file (single process only).")
-@click.option("--retry-failed", is_flag=True, help="Redo clips the store records as failed.")
-@click.option("--quiet", is_flag=True, help="No progress bar; a log line every 10%.")
+@_dataclass_options(ExtractConfig, required=("annotations",))
 def extract(**options):
     """Decode clips, find faces, and write CLIP features of face and context to a cache.
 
@@ -153,42 +143,6 @@ def info(cache, as_json, show_all):
         click.echo(json.dumps(data, indent=1))
     else:
         click.echo(info_text(data, show_all=show_all))
-
-
-def _dataclass_options(config_class, required=("cache", "out")):
-    """Click options from a training config dataclass: one --flag per field, its help and
-    default from the field (tuples are comma-separated lists, booleans are flags)."""
-    import dataclasses
-    import typing
-
-    hints = typing.get_type_hints(config_class)
-
-    def parse_ints(ctx, param, value):
-        if value is None or isinstance(value, tuple):
-            return value
-        try:
-            return tuple(int(v) for v in str(value).split(",") if v.strip())
-        except ValueError:
-            raise CaerError(f"--{param.name.replace('_', '-')} {value}: expected integers "
-                            f"separated by commas, e.g. 10,15") from None
-
-    def decorate(command):
-        for f in reversed(dataclasses.fields(config_class)):
-            flag, help_text = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
-            hint, default = hints[f.name], f.default
-            if hint is bool:
-                option = click.option(flag, f.name, is_flag=True, default=default, help=help_text)
-            elif typing.get_origin(hint) is tuple:
-                option = click.option(flag, f.name, default=",".join(map(str, default)),
-                                      callback=parse_ints, show_default=True, help=help_text)
-            else:
-                base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-                option = click.option(flag, f.name, type=base[0], default=default,
-                                      required=f.name in required, show_default=default is not None
-                                      and f.name not in required, help=help_text)
-            command = option(command)
-        return command
-    return decorate
 
 
 def _train_config(config_class):

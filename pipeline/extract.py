@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -44,37 +44,61 @@ log = logging.getLogger("caer")
 KILL_AFTER_ENV = "CAER_TEST_KILL_AFTER_CLIPS"
 
 
+def _option(default, help: str, **more):
+    return field(default=default, metadata={"help": help, **more})
+
+
 @dataclass
 class ExtractConfig:
-    """Every option of ``extract``; the CLI maps one option to each field."""
+    """Every option of ``extract``: cli.py makes one --flag of each field, with its help."""
 
-    annotations: tuple[str, ...] = ()  # CSV or list files, repeatable
-    split: tuple[str, ...] = ()  # for list files: once for all, or once per --annotations
-    root: str | None = None  # clip paths are relative to this (default: the file's folder)
-    labels: str = "raer5"  # raer5 | caer7 | FILE (YAML/JSON)
-    clip: str = DEFAULT_CLIP
-    segments: int = 16
-    candidates: int = 1  # frames kept per segment
-    flip: bool = False  # also store features of the horizontally flipped crops
-    face_model: str = "full"  # full | short
-    min_face_score: float = 0.5
-    face_margin: int = 20
-    face_resize: str = "squash"  # squash | letterbox
-    face_boxes: str | None = None  # JSON of precomputed boxes instead of the detector
-    normalize: str = "clip"  # clip | none
-    pixels: bool = False  # also store the uint8 224x224 crops (for finetune)
-    batch_size: int = 64  # images per encoder batch
-    workers: int = max(1, min(4, (os.cpu_count() or 2) - 1))  # 0: decode in the main process
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    cache: str = "features.zarr"  # .zarr directory or .h5 file
-    quiet: bool = False  # no progress bar: log lines instead
-    retry_failed: bool = False  # redo clips recorded as failed
+    annotations: tuple[str, ...] = _option(
+        (), "CSV (path,label[,split,id,metadata...]) or list file (path n_frames label, "
+            "1-based); repeat for several files.", metavar="FILE")
+    split: tuple[str, ...] = _option(
+        (), "Split of list files: once for all, or once per --annotations, in order.",
+        metavar="NAME")
+    root: str | None = _option(
+        None, "Clip paths are relative to this [default: each annotation file's folder].",
+        metavar="DIR")
+    labels: str = _option("raer5", "Label set: class names and descriptors (YAML/JSON FILE of "
+                                   "the same shape).", metavar="raer5|caer7|FILE")
+    clip: str = _option(DEFAULT_CLIP, "CLIP to use: a Hugging Face id (the paper's by default), "
+                                      "a local directory written by save_pretrained, or "
+                                      "random:tiny|random:vit-b-32|random:vit-b-16 (untrained, "
+                                      "offline; tests and timing).", metavar="SPEC")
+    segments: int = _option(16, "Segments per clip.")
+    candidates: int = _option(1, "Frames kept per segment: 1 = the middle frame; K>1 = K evenly "
+                                 "spaced frames, so training can pick one at random.",
+                              metavar="K")
+    flip: bool = _option(False, "Also store features of horizontally flipped crops.")
+    face_model: str = _option("full", "BlazeFace full range (small, far faces) or short range.",
+                              choices=("full", "short"))
+    min_face_score: float = _option(0.5, "Detections below this score count as no face "
+                                         "(whole-frame fallback).")
+    face_margin: int = _option(20, "Pixels added around a box.")
+    face_resize: str = _option("squash", "Face crop to 224x224: stretch (the original's) or pad.",
+                               choices=("squash", "letterbox"))
+    face_boxes: str | None = _option(
+        None, "Precomputed boxes in the original release's layout ({frame folder: {frame "
+              "file: [x0,y0,x1,y1]}}) instead of the detector.", metavar="JSON")
+    normalize: str = _option("clip", "CLIP mean/std, or [0,1] pixels as the original code fed.",
+                             choices=("clip", "none"))
+    pixels: bool = _option(False, "Also store the uint8 224x224 crops (finetune).")
+    batch_size: int = _option(64, "Images per encoder batch.")
+    workers: int = _option(max(1, min(4, (os.cpu_count() or 2) - 1)),
+                           "Decode/detect processes (0: in the main process).")
+    device: str = _option("auto", "auto: CUDA when present.", choices=("auto", "cpu", "cuda"))
+    precision: str = _option("auto", "auto: bf16 on CPUs with native bf16, bf16/fp16 on CUDA, "
+                                     "else fp32.", choices=("auto", "fp32", "bf16", "fp16"))
+    cache: str = _option("features.zarr", "A .zarr directory, or a .h5 file (single process "
+                                          "only).", metavar="PATH")
+    retry_failed: bool = _option(False, "Redo clips the store records as failed.")
+    quiet: bool = _option(False, "No progress bar; a log line every 10%.")
 
 
-CHOICES = {"face_model": ("full", "short"), "face_resize": ("squash", "letterbox"),
-           "normalize": ("clip", "none"), "device": ("auto", "cpu", "cuda"),
-           "precision": ("auto", "fp32", "bf16", "fp16")}
+CHOICES = {f.name: f.metadata["choices"] for f in fields(ExtractConfig)
+           if "choices" in f.metadata}
 
 
 @dataclass
@@ -111,6 +135,8 @@ def _check_options(cfg: ExtractConfig) -> None:
         raise CaerError("--workers and --face-margin cannot be negative")
     if not 0.0 <= cfg.min_face_score <= 1.0:
         raise CaerError("--min-face-score must lie in [0, 1]")
+    if cfg.root is not None and not Path(cfg.root).is_dir():
+        raise CaerError(f"--root {cfg.root}: no such directory")
 
 
 def load_face_boxes(path: str) -> tuple[dict, str]:

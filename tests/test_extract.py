@@ -355,6 +355,41 @@ def test_bad_annotation_exits_2_with_one_line_and_writes_nothing(dataset, tiny_c
     assert not cache.exists() and not list(tmp_path.glob("bad.zarr*"))
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--root", "few.csv", "--root {dataset}/few.csv: no such directory"),
+    ("--face-boxes", "nowhere.json", "--face-boxes nowhere.json: no such file"),
+    ("--min-face-score", "1.5", "--min-face-score must lie in [0, 1]"),
+    ("--segments", "0", "--segments must be at least 1"),
+    ("--precision", "fp8", "Invalid value for '--precision'"),
+])
+def test_bad_option_values_exit_2_and_write_nothing(dataset, tiny_clip_dir, tmp_path, option,
+                                                   value, message):
+    from cli import main
+
+    cache = tmp_path / "few.zarr"
+    value = str(dataset / value) if option == "--root" else value
+    result = CliRunner().invoke(main, ["extract", "--annotations", str(dataset / "few.csv"),
+                                       "--clip", str(tiny_clip_dir), "--cache", str(cache),
+                                       option, value])
+    assert result.exit_code == 2, result.output
+    assert message.format(dataset=dataset) in result.stderr
+    assert not cache.exists()
+
+
+def test_every_extract_config_field_is_an_option():
+    from dataclasses import fields
+
+    from cli import main
+
+    params = {p.name: p for p in main.commands["extract"].params}
+    assert {f.name for f in fields(ExtractConfig)} <= set(params)
+    for f in fields(ExtractConfig):
+        if f.name != "annotations":
+            assert params[f.name].default == f.default or (params[f.name].multiple
+                                                           and f.default == ()), f.name
+        assert params[f.name].help == f.metadata["help"]
+
+
 def test_append_with_a_second_annotation_file(dataset, tiny_clip_dir, reference, tmp_path):
     cache = tmp_path / "few.zarr"
     shutil.copytree(reference, cache)
