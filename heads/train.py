@@ -452,12 +452,12 @@ def _train_epoch(step_model, model, loader, optimizer, scaler, config, seed, epo
     return {"loss": float(total[0] / max(total[1], 1)), "uar": uar, "war": war, "partial": partial}
 
 
-@torch.no_grad()
 def _non_finite(loss: float, epoch: int):
     raise CaerError(f"the training loss became {loss} in epoch {epoch + 1}; lower the learning "
                     f"rates or use --precision fp32")
 
 
+@torch.no_grad()
 def _validate(model, store, bank, splits: Splits, pixels, device, precision, config) -> dict:
     """Val split only (the test split is never read): middle frame, no flip, dropout off."""
     model.eval()

@@ -212,6 +212,21 @@ def test_training_draws_frames_and_flips_evaluation_takes_middle_frame_no_flip(t
     assert torch.equal(one[0], bank.batch(range(n), train=True, seed=0, epoch=4)[0][3])
 
 
+def test_validation_builds_no_autograd_graph(tmp_path, monkeypatch):
+    from heads.model import CaerModel
+
+    calls, forward = [], CaerModel.forward
+
+    def recording_forward(self, *args, **kwargs):
+        calls.append((self.training, torch.is_grad_enabled()))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(CaerModel, "forward", recording_forward)
+    make_store(tmp_path / "c.zarr", n_train=20)
+    train_head(config(tmp_path / "c.zarr", tmp_path / "run", epochs=1, val_fraction=0.25))
+    assert calls and set(calls) == {(False, False)}  # validation, without a graph
+
+
 def test_dropout_masks_follow_the_clip_not_its_place_in_the_batch(tmp_path):
     from heads.train import _build_model, _use_sample_dropout, sample_dropout
 
