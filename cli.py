@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from pipeline import __version__  # noqa: E402
 from pipeline.errors import CaerError  # noqa: E402
-from pipeline.extract import ExtractConfig  # noqa: E402
+from pipeline.config import ExtractConfig  # noqa: E402
 
 
 class CaerGroup(click.Group):
@@ -146,9 +146,9 @@ def info(cache, as_json, show_all):
 
 
 def _train_config(config_class):
-    from heads import train
+    from heads import config
 
-    return _dataclass_options(getattr(train, config_class))
+    return _dataclass_options(getattr(config, config_class))
 
 
 @main.command("train-head")

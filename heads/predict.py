@@ -25,7 +25,7 @@ from pipeline.errors import CaerError
 log = logging.getLogger("caer")
 
 # What extract uses when a run does not record a value (import-official runs record only
-# normalize, face_resize and face_margin): pipeline.extract.ExtractConfig's defaults.
+# normalize, face_resize and face_margin): pipeline.config.ExtractConfig's defaults.
 _FALLBACK = {"face_model": "full", "min_face_score": 0.5, "face_margin": 20,
              "face_resize": "squash"}
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
+from pipeline.config import DEFAULT_CLIP
 from pipeline.errors import CaerError
 
 log = logging.getLogger("caer")
 
-DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 # CLIP's own pixel normalisation (OpenAI's values, also in every CLIPImageProcessor).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

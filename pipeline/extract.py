@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,8 @@ from cache.store import (ClipResult, ClipRow, StoreError, StoreWriter, create_za
                          describe_mismatch, export_hdf5, fingerprint_mismatch, import_hdf5,
                          is_hdf5, make_fingerprint, open_store, remove_store,
                          staging_path)
-from pipeline.clip import DEFAULT_CLIP, resolve_precision
+from pipeline.clip import resolve_precision
+from pipeline.config import CHOICES, ExtractConfig
 from pipeline.errors import CaerError
 from pipeline.prepare import prepare_clip, warm_worker, worker_init
 
@@ -42,63 +43,6 @@ log = logging.getLogger("caer")
 
 # Test hook: SIGKILL this process after it has written this many clips (kill -9 tests).
 KILL_AFTER_ENV = "CAER_TEST_KILL_AFTER_CLIPS"
-
-
-def _option(default, help: str, **more):
-    return field(default=default, metadata={"help": help, **more})
-
-
-@dataclass
-class ExtractConfig:
-    """Every option of ``extract``: cli.py makes one --flag of each field, with its help."""
-
-    annotations: tuple[str, ...] = _option(
-        (), "CSV (path,label[,split,id,metadata...]) or list file (path n_frames label, "
-            "1-based); repeat for several files.", metavar="FILE")
-    split: tuple[str, ...] = _option(
-        (), "Split of list files: once for all, or once per --annotations, in order.",
-        metavar="NAME")
-    root: str | None = _option(
-        None, "Clip paths are relative to this [default: each annotation file's folder].",
-        metavar="DIR")
-    labels: str = _option("raer5", "Label set: class names and descriptors (YAML/JSON FILE of "
-                                   "the same shape).", metavar="raer5|caer7|FILE")
-    clip: str = _option(DEFAULT_CLIP, "CLIP to use: a Hugging Face id (the paper's by default), "
-                                      "a local directory written by save_pretrained, or "
-                                      "random:tiny|random:vit-b-32|random:vit-b-16 (untrained, "
-                                      "offline; tests and timing).", metavar="SPEC")
-    segments: int = _option(16, "Segments per clip.")
-    candidates: int = _option(1, "Frames kept per segment: 1 = the middle frame; K>1 = K evenly "
-                                 "spaced frames, so training can pick one at random.",
-                              metavar="K")
-    flip: bool = _option(False, "Also store features of horizontally flipped crops.")
-    face_model: str = _option("full", "BlazeFace full range (small, far faces) or short range.",
-                              choices=("full", "short"))
-    min_face_score: float = _option(0.5, "Detections below this score count as no face "
-                                         "(whole-frame fallback).")
-    face_margin: int = _option(20, "Pixels added around a box.")
-    face_resize: str = _option("squash", "Face crop to 224x224: stretch (the original's) or pad.",
-                               choices=("squash", "letterbox"))
-    face_boxes: str | None = _option(
-        None, "Precomputed boxes in the original release's layout ({frame folder: {frame "
-              "file: [x0,y0,x1,y1]}}) instead of the detector.", metavar="JSON")
-    normalize: str = _option("clip", "CLIP mean/std, or [0,1] pixels as the original code fed.",
-                             choices=("clip", "none"))
-    pixels: bool = _option(False, "Also store the uint8 224x224 crops (finetune).")
-    batch_size: int = _option(64, "Images per encoder batch.")
-    workers: int = _option(max(1, min(4, (os.cpu_count() or 2) - 1)),
-                           "Decode/detect processes (0: in the main process).")
-    device: str = _option("auto", "auto: CUDA when present.", choices=("auto", "cpu", "cuda"))
-    precision: str = _option("auto", "auto: bf16 on CPUs with native bf16, bf16/fp16 on CUDA, "
-                                     "else fp32.", choices=("auto", "fp32", "bf16", "fp16"))
-    cache: str = _option("features.zarr", "A .zarr directory, or a .h5 file (single process "
-                                          "only).", metavar="PATH")
-    retry_failed: bool = _option(False, "Redo clips the store records as failed.")
-    quiet: bool = _option(False, "No progress bar; a log line every 10%.")
-
-
-CHOICES = {f.name: f.metadata["choices"] for f in fields(ExtractConfig)
-           if "choices" in f.metadata}
 
 
 @dataclass

@@ -1,0 +1,69 @@
+"""train-head and finetune options as dataclasses: cli.py makes one --flag of each field.
+
+Kept free of torch so that the command line (and every process that re-imports it, such as
+extract's spawned workers) starts without loading it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TrainConfig:
+    """train-head options. Defaults are the paper's recipe (../shared/METHOD.md)."""
+
+    cache: str = field(default="", metadata={"help": "Cache from `extract`."})
+    out: str = field(default="", metadata={"help": "Run directory to write."})
+    n_ctx: int = field(default=8, metadata={"help": "Learnable prompt context vectors per class."})
+    temporal_layers: int = field(default=1, metadata={"help": "Depth of each temporal transformer."})
+    streams: str = field(default="both", metadata={
+        "help": "both | face | context (face uses the face-only descriptors)."})
+    epochs: int = field(default=20, metadata={"help": "Training epochs."})
+    batch_size: int = field(default=8, metadata={"help": "Clips per optimizer step (global)."})
+    lr_temporal: float = field(default=1e-2, metadata={"help": "SGD lr of the temporal transformers."})
+    lr_prompt: float = field(default=1e-3, metadata={"help": "SGD lr of the prompt context."})
+    lr_fusion: float = field(default=1e-5, metadata={"help": "SGD lr of the fusion Linear."})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
+    weight_decay: float = field(default=1e-4, metadata={"help": "SGD weight decay."})
+    milestones: tuple[int, ...] = field(default=(10, 15), metadata={
+        "help": "Epochs at which every lr is multiplied by --gamma (comma-separated)."})
+    gamma: float = field(default=0.1, metadata={"help": "lr factor at each milestone."})
+    val_fraction: float = field(default=0.1, metadata={
+        "help": "Stratified fraction of train held out for model selection (ignored when the "
+                "cache has a val split; 0: none)."})
+    val_seed: int = field(default=0, metadata={
+        "help": "Seed of that split: the same for every --seeds run."})
+    select: str = field(default="val-uar", metadata={
+        "help": "Saved weights: val-uar (best validation epoch) | last."})
+    seeds: tuple[int, ...] = field(default=(42,), metadata={
+        "help": "One run per seed (RUN/seed-N/ and RUN/summary.json when more than one)."})
+    max_steps: int | None = field(default=None, metadata={
+        "help": "Stop after this many optimizer steps (smoke tests, benchmarks)."})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda (auto: CUDA when present)."})
+    resume: bool = field(default=False, metadata={
+        "help": "Continue a killed run in --out from its last finished epoch."})
+    quiet: bool = field(default=False, metadata={"help": "No progress bars."})
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """finetune options: train-head's, plus the image encoder's."""
+
+    n_ctx: int | None = field(default=None, metadata={
+        "help": "Prompt context vectors per class (default: the --init run's, else 8)."})
+    temporal_layers: int | None = field(default=None, metadata={
+        "help": "Temporal transformer depth (default: the --init run's, else 1)."})
+    streams: str | None = field(default=None, metadata={
+        "help": "both | face | context (default: the --init run's, else both)."})
+    init: str = field(default="none", metadata={
+        "help": "A train-head (or finetune) run to start from, or none (train from scratch)."})
+    lr_image_encoder: float = field(default=1e-5, metadata={"help": "SGD lr of the CLIP image encoder."})
+    precision: str = field(default="auto", metadata={
+        "help": "auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA when supported, else fp16; "
+                "bf16 on CPUs with native bf16, else fp32)."})
+    grad_checkpointing: bool = field(default=False, metadata={
+        "help": "Recompute the image encoder's activations in backward (less memory)."})
+    accumulate: int = field(default=1, metadata={
+        "help": "Micro-batches per optimizer step (the batch size stays --batch-size)."})
+    workers: int = field(default=2, metadata={"help": "DataLoader worker processes (decode, augment)."})
