@@ -508,25 +508,39 @@ class WorkerPool:
         self.restart()
 
     def restart(self) -> None:
+        """A fresh pool whose workers all started (one retry), else CaerError."""
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, wait
 
-        if self.executor is not None:
-            self.executor.shutdown(wait=True, cancel_futures=True)
-        self.executor = ProcessPoolExecutor(self.cfg.workers, mp_context=mp.get_context("spawn"),
-                                            initializer=worker_init)
-        wait([self.executor.submit(warm_worker, self.sample_task)
-              for _ in range(self.cfg.workers)])
+        for _ in range(2):
+            if self.executor is not None:
+                self.executor.shutdown(wait=True, cancel_futures=True)
+            self.executor = ProcessPoolExecutor(
+                self.cfg.workers, mp_context=mp.get_context("spawn"), initializer=worker_init)
+            warm = [self._submit(warm_worker, self.sample_task) for _ in range(self.cfg.workers)]
+            wait(warm)
+            if not any(_died(f) for f in warm):
+                return
+        raise CaerError("extract: the worker processes die while starting (importing PyAV or "
+                        "loading the face detector); run with --workers 0 to see the error")
 
     def submit(self, task: dict):
+        return self._submit(prepare_clip, task)
+
+    def _submit(self, fn, *args):
         from concurrent.futures import Future
         from concurrent.futures.process import BrokenProcessPool
 
         try:
-            return self.executor.submit(prepare_clip, task)
-        except BrokenProcessPool as err:  # broke since the last wait: the task joins the suspects
+            return self.executor.submit(fn, *args)
+        except (BrokenProcessPool, RuntimeError) as err:
+            # The pool broke since the last wait (on Python < 3.12 a submit racing the break
+            # can also say "cannot schedule new futures after shutdown").
+            if not isinstance(err, BrokenProcessPool) and not self.executor._broken:
+                raise
             future = Future()
-            future.set_exception(err)
+            future.set_exception(BrokenProcessPool(str(err)))
+            future.never_ran = True
             return future
 
     def shutdown(self) -> None:
@@ -560,10 +574,12 @@ def _run_pool(pool: WorkerPool, tasks, take, cfg: ExtractConfig, fp: dict) -> No
         finished, _ = wait(running, return_when=FIRST_COMPLETED)
         suspects = []
         if any(_died(f) for f in finished):
-            # A worker died and the pool broke: every clip in flight fails with it.
-            wait(running)
-            finished, suspects = set(running), [running[f] for f in running if _died(f)]
-        for future in sorted((f for f in finished if not _died(f)),
+            # A worker died and the pool broke: every clip in flight fails with it. (A future
+            # that a racing break left unresolved counts as failed too.)
+            finished, lost = wait(running, timeout=60)
+            suspects = [running[f] for f in finished if _died(f)] + [running[f] for f in lost]
+            finished |= lost
+        for future in sorted((f for f in finished if f.done() and not _died(f)),
                              key=lambda f: f.result()["index"]):
             take(future.result())
         running = {f: t for f, t in running.items() if f not in finished}
@@ -578,20 +594,28 @@ def _run_pool(pool: WorkerPool, tasks, take, cfg: ExtractConfig, fp: dict) -> No
 def _died(future) -> bool:
     from concurrent.futures.process import BrokenProcessPool
 
-    return isinstance(future.exception(), BrokenProcessPool)
+    return future.done() and isinstance(future.exception(), BrokenProcessPool)
 
 
 def _isolate_crash(pool: WorkerPool, suspects: list[dict], take) -> None:
     """A worker died in native code (FFmpeg, MediaPipe) with these clips in flight: retry each
-    alone, so that only a clip that kills a worker by itself is recorded as failed."""
+    alone in a pool whose workers are alive, so that only a clip that kills a worker by itself
+    is recorded as failed."""
     log.warning("extract: a worker process died with %d clip(s) in flight; retrying each alone",
                 len(suspects))
     pool.restart()
     for task in sorted(suspects, key=lambda t: t["index"]):
         future = pool.submit(task)
+        if getattr(future, "never_ran", False):  # the pool broke between clips: not this one's
+            pool.restart()
+            future = pool.submit(task)
+        future.exception()  # wait for it
         if not _died(future):
             take(future.result())
             continue
+        if getattr(future, "never_ran", False):
+            raise CaerError("extract: the worker processes keep dying between clips; run with "
+                            "--workers 0 to see the error")
         take({"index": task["index"], "status": "failed",
               "reason": "the worker process died on this clip (a crash in native code: FFmpeg "
                         "or MediaPipe); retried alone, it died again"})

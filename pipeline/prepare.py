@@ -12,7 +12,8 @@ import time
 
 import numpy as np
 
-CRASH_ON_ENV = "CAER_TEST_CRASH_ON_CLIP"  # tests: a worker segfaults on the clip path ending so
+# Tests: a worker segfaults on the clip whose path ends so, or at its start for "worker start".
+CRASH_ON_ENV = "CAER_TEST_CRASH_ON_CLIP"
 
 _DETECTOR = None
 
@@ -125,6 +126,8 @@ def _rgb3(rgb: np.ndarray) -> np.ndarray:
 def warm_worker(task: dict, hold: float = 0.2) -> int:
     """Import the media libraries and create the detector before the first clip arrives."""
     global _DETECTOR
+    if os.environ.get(CRASH_ON_ENV) == "worker start":
+        os.kill(os.getpid(), signal.SIGSEGV)
     import pipeline.crops  # noqa: F401
     import pipeline.video  # noqa: F401
 

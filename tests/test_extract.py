@@ -272,6 +272,15 @@ def test_a_worker_that_dies_in_native_code_costs_only_its_clip(dataset, tiny_cli
         np.testing.assert_array_equal(got.features(stream)[:][ok], ref.features(stream)[:][ok])
 
 
+def test_workers_that_die_at_start_stop_the_run_and_blame_no_clip(dataset, tiny_clip_dir,
+                                                                  tmp_path, monkeypatch):
+    monkeypatch.setenv("CAER_TEST_CRASH_ON_CLIP", "worker start")
+    cache = tmp_path / "few.zarr"
+    with pytest.raises(CaerError, match="worker processes die while starting"):
+        run_extract(_cfg(dataset, tiny_clip_dir, cache, workers=1))
+    assert set(open_store(cache).manifest.status) == {"pending"}  # resumable, nothing blamed
+
+
 def test_a_worker_loads_no_torch(dataset, tmp_path):
     # Workers decode, detect and crop; torch would cost each of them ~200 MB for nothing. A
     # spawned worker re-imports the main script, so start the pool from a script that imports
