@@ -203,11 +203,13 @@ def local_cuda_device() -> torch.device:
     """This process's GPU: cuda:LOCAL_RANK under torchrun, cuda:0 when the launcher gives each
     process one GPU of its own (CUDA_VISIBLE_DEVICES per rank, as Slurm does)."""
     local, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
-    if count == 1:
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's processes on this node
+    if count == 1 and per_node == 1:
         return torch.device("cuda", 0)
-    if local >= count:
-        raise CaerError(f"LOCAL_RANK is {local} but this node has {count} visible GPU(s): start "
-                        f"at most {count} processes per node (torchrun --nproc-per-node {count})")
+    if local >= count or per_node > count:
+        raise CaerError(f"LOCAL_RANK {local} of {per_node} process(es) on this node, but {count} "
+                        f"visible GPU(s): start at most {count} per node (torchrun "
+                        f"--nproc-per-node {count})")
     return torch.device("cuda", local)
 
 

@@ -178,12 +178,22 @@ def test_auto_precision_on_a_gpu_with_emulated_bf16_is_fp16(monkeypatch):
     assert resolve_precision("auto", "cuda") == "bf16"
 
 
-@pytest.mark.parametrize("visible, local_rank, expected", [(1, 3, 0), (4, 2, 2), (2, 3, None)])
-def test_each_rank_picks_its_gpu(monkeypatch, visible, local_rank, expected):
+@pytest.mark.parametrize("visible, local_rank, per_node, expected", [
+    (1, 0, None, 0),  # one process, one GPU
+    (1, 3, None, 0),  # a launcher that gives each process its own GPU (no LOCAL_WORLD_SIZE)
+    (4, 2, 4, 2),     # torchrun --nproc-per-node 4 on a 4-GPU node
+    (1, 1, 2, None),  # torchrun --nproc-per-node 2 on a 1-GPU node
+    (2, 3, 4, None),
+])
+def test_each_rank_picks_its_gpu(monkeypatch, visible, local_rank, per_node, expected):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
     monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    if per_node is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(per_node))
     if expected is None:
-        with pytest.raises(CaerError, match="LOCAL_RANK is 3 but this node has 2 visible GPU"):
+        with pytest.raises(CaerError, match=f"on this node, but {visible} visible GPU"):
             local_cuda_device()
     else:
         assert local_cuda_device() == torch.device("cuda", expected)
