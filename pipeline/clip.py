@@ -225,8 +225,8 @@ def resolve_precision(precision: str, device_type: str) -> str:
     if precision == "bf16" and device_type == "cpu" and not cpu_has_native_bf16():
         # Without AVX512-BF16/AMX torch falls back to a slow bf16 matmul, worst in backward.
         log.warning("--precision bf16: this CPU has no native bf16 (AVX512-BF16/AMX), so torch "
-                    "emulates it, many times slower than fp32 (docs/benchmarks.md); "
-                    "--precision auto picks fp32 here")
+                    "emulates it: a finetune step measured 34x slower than fp32 on such a CPU "
+                    "(docs/benchmarks.md); --precision auto picks fp32 here")
     return precision
 
 
