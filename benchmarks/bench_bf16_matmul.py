@@ -14,9 +14,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.clip import cpu_has_native_bf16  # noqa: E402
+from common import environment, write_result  # noqa: E402  (benchmarks/common.py)
 
 LAYOUTS = {
     "forward x@W.T": lambda x, w, g: x @ w.t(),
@@ -83,12 +81,8 @@ def main() -> None:
               f"{r['bf16_over_fp32']:>10.1f}x")
     result = {"benchmark": "bf16_matmul", "shape": [m, k, n], "repeats": args.repeats,
               "native_bf16": cpu_has_native_bf16(), "rows": rows, "figures": figures,
-              "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-              "torch": torch.__version__, "machine": platform.platform()}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+              **environment()}
+    print(f"wrote {write_result(result, args.out)}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ and measures, best of --repeats:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.video import SEEK_MIN_GAP, probe_clip, read_frames, sample_indices  # noqa: E402
+from common import write_result  # noqa: E402  (benchmarks/common.py)
 
 
 def write_clip(path: Path, n: int, width: int, height: int, gop: int) -> Path:
@@ -133,9 +133,7 @@ def main():
         for name, path in clips.items():
             results["clips"][name] = bench_clip(path, args.repeats)
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    out = write_result(results, args.out)
     keys = sorted({k for r in results["clips"].values() for k in r if k != "gap_sweep"})
     print(f"{'metric':32s}" + "".join(f"{name:>16s}" for name in results["clips"]))
     for key in keys:

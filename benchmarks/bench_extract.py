@@ -27,7 +27,6 @@ and the bf16 rows show why.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -46,6 +45,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from pipeline.clip import cpu_has_native_bf16  # noqa: E402
 from pipeline.extract import ExtractConfig, run_extract  # noqa: E402
+from common import write_result  # noqa: E402  (benchmarks/common.py)
 
 
 def raer_like_clips(directory: Path, n: int, frames: int = 36, size=(1080, 1920)) -> list[Path]:
@@ -249,9 +249,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     results["load_after"] = os.getloadavg()[0]
     results["figures"] = figures(results)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    out = write_result(results, args.out)
     print_table(results)
     print(f"wrote {out}")
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -36,6 +35,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from common import environment, write_result  # noqa: E402  (benchmarks/common.py)
 
 
 def one(args) -> dict:
@@ -43,7 +43,7 @@ def one(args) -> dict:
     from heads.model import CaerModel, HeadConfig
     from heads.train import (_StepModel, _autocast, _enable_grad_checkpointing,
                              _use_sample_dropout, sample_dropout)
-    from pipeline.clip import build_random_clip
+    from pipeline.clip import build_random_clip, cpu_has_native_bf16
     from pipeline.labels import RAER5
 
     precision, checkpointing = args.one.split(",")
@@ -94,7 +94,7 @@ def one(args) -> dict:
         result["peak_memory_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         result["rss_after_setup_mib"] = rss_setup
         result["memory_kind"] = "process peak RSS"
-        if precision == "bf16" and not torch.cpu._is_avx512_bf16_supported():
+        if precision == "bf16" and not cpu_has_native_bf16():
             result["note"] = "bf16 emulated: this CPU has no native bf16"
     return result
 
@@ -157,13 +157,9 @@ def main() -> None:
                      "unit": "MiB", "note": r["memory_kind"]}]
     result = {"benchmark": "finetune", "quick": args.quick, "clip": f"random:{args.clip}",
               "device": args.device, "batch_size": args.batch_size, "segments": args.segments,
-              "runs": runs, "figures": figures, "cpu_count": os.cpu_count(),
-              "torch": torch.__version__, "machine": platform.platform(),
+              "runs": runs, "figures": figures, **environment(),
               "load_average": os.getloadavg()}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_result(result, args.out)}")
     if any("error" in r for r in runs):
         sys.exit(1)
 

@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -52,6 +51,7 @@ from pipeline.clip import build_random_clip  # noqa: E402
 from pipeline.labels import RAER5  # noqa: E402
 
 from bench_text_truncation import bpe_length_labels  # noqa: E402
+from common import environment, write_result  # noqa: E402  (benchmarks/common.py)
 
 
 def time_steps(model, pixels: bool, face, context, labels, steps: int, warmup: int,
@@ -176,9 +176,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    result = {"benchmark": "head", "quick": args.quick, "device": str(device),
-              "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-              "torch": torch.__version__, "machine": platform.platform(),
+    result = {"benchmark": "head", "quick": args.quick, "device": str(device), **environment(),
               "load_average_before": os.getloadavg()}
     result["per_epoch"] = pe = per_epoch(args, device)
     print(f"per-epoch time, {pe['clip']}, batch {pe['batch_size']}, {pe['segments']} frames, "
@@ -211,10 +209,7 @@ def main() -> None:
         ]
     result["figures"] = figures
     result["load_average_after"] = os.getloadavg()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_result(result, args.out)}")
 
 
 if __name__ == "__main__":

@@ -18,10 +18,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import os
-import platform
 import statistics
 import sys
 import time
@@ -34,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from heads.model import CaerModel, HeadConfig, tokenize_prompts  # noqa: E402
 from pipeline.clip import build_random_clip  # noqa: E402
 from pipeline.labels import RAER5, LabelClass, LabelSet  # noqa: E402
+from common import environment, write_result  # noqa: E402  (benchmarks/common.py)
 
 # Where CLIP's BPE tokenizer puts the EOT of "[SOS] X*8 <RAER descriptor>" for the five classes.
 RAER_EOT_POSITIONS = (33, 32, 36, 36, 37)  # CLIP's BPE: "[SOS] X*8 <descriptor> [EOT]"
@@ -117,10 +114,7 @@ def main() -> None:
         "max_abs_diff": max_abs_diff,
         "full_ms_all": [round(t * 1e3, 2) for t in times[False]],
         "truncated_ms_all": [round(t * 1e3, 2) for t in times[True]],
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "machine": platform.platform(),
+        **environment(),
     }
     print(f"text tower forward+backward, {result['clip']}, {len(RAER5)} prompts, "
           f"median of {args.repeats} ({torch.get_num_threads()} threads)")
@@ -128,10 +122,7 @@ def main() -> None:
     print(f"{'full context':<22}{context_length:>10}{result['full_ms_median']:>10.1f}")
     print(f"{'up to longest EOT':<22}{result['truncated_length']:>10}{result['truncated_ms_median']:>10.1f}")
     print(f"speedup {result['speedup']:.2f}x; max |difference| of the text features {max_abs_diff:.1e}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_result(result, args.out)}")
 
 
 if __name__ == "__main__":
