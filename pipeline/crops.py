@@ -7,8 +7,13 @@ look like the images CLIP was trained on. (PIL's bicubic antialiases when it shr
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:  # torch is imported where it is used: decode workers never load it
+    import torch
 
 RESIZE_MODES = ("squash", "letterbox")
 
