@@ -209,8 +209,7 @@ class CaerModel(nn.Module):
         eot = self.prompt_learner.eot_positions
         length = int(eot.max()) + 1 if truncate else self.prompt_learner.token_ids.shape[1]
         x = text.embeddings(inputs_embeds=self.prompt_learner(length))  # + position embeddings
-        mask = create_causal_mask(config=text.config, inputs_embeds=x, attention_mask=None,
-                                  past_key_values=None)
+        mask = create_causal_mask(config=text.config, inputs_embeds=x, attention_mask=None, cache=None)
         x = text.encoder(inputs_embeds=x, attention_mask=mask, is_causal=True).last_hidden_state
         x = text.final_layer_norm(x)
         x = self.clip.text_projection(x[torch.arange(x.shape[0], device=x.device), eot])

@@ -75,6 +75,16 @@ def test_truncated_text_tower_equals_full_length(tiny):
                                    model.encode_text(truncate=False), atol=1e-6, rtol=0)
 
 
+def test_encode_text_calls_the_mask_api_without_deprecation_warnings(tiny):
+    import warnings
+
+    model = make_model(tiny)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # transformers' deprecate_kwarg warns FutureWarning
+        with torch.no_grad():
+            model.encode_text()
+
+
 def test_logits_are_scaled_cosines_and_depend_on_frame_order(tiny):
     model = make_model(tiny)
     face, context = features()
