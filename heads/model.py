@@ -120,6 +120,21 @@ def tokenize_prompts(tokenizer, descriptors: list[str], n_ctx: int,
     return torch.tensor(rows, dtype=torch.long)
 
 
+def causal_mask(config, inputs_embeds: torch.Tensor):
+    """The text tower's causal mask, from transformers' own ``create_causal_mask``.
+
+    transformers 5.24 renamed its ``past_key_values`` argument to ``cache`` (the old name warns
+    from then on); the tower keeps no cache, so None goes under the name this version takes.
+    """
+    import inspect
+
+    from transformers.masking_utils import create_causal_mask
+
+    name = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+    return create_causal_mask(config=config, inputs_embeds=inputs_embeds, attention_mask=None,
+                              **{name: None})
+
+
 class PromptLearner(nn.Module):
     """Class-specific context vectors spliced into each prompt's frozen token embeddings.
 
@@ -203,13 +218,11 @@ class CaerModel(nn.Module):
         With ``truncate`` the tower runs only up to the longest EOT: exact, because the
         causal mask stops later positions from reaching any EOT.
         """
-        from transformers.masking_utils import create_causal_mask
-
         text = self.clip.text_model
         eot = self.prompt_learner.eot_positions
         length = int(eot.max()) + 1 if truncate else self.prompt_learner.token_ids.shape[1]
         x = text.embeddings(inputs_embeds=self.prompt_learner(length))  # + position embeddings
-        mask = create_causal_mask(config=text.config, inputs_embeds=x, attention_mask=None, cache=None)
+        mask = causal_mask(text.config, x)
         x = text.encoder(inputs_embeds=x, attention_mask=mask, is_causal=True).last_hidden_state
         x = text.final_layer_norm(x)
         x = self.clip.text_projection(x[torch.arange(x.shape[0], device=x.device), eot])
