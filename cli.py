@@ -56,7 +56,8 @@ def main(verbose: bool):
 def _dataclass_options(config_class, required=("cache", "out")):
     """Click options from a config dataclass: one --flag per field, with the field's default
     and its metadata's help, metavar and choices. Booleans are flags; tuple[str, ...] fields
-    repeat (--annotations A --annotations B); tuple[int, ...] fields take 10,15."""
+    repeat (--annotations A --annotations B); tuple[int, ...] fields take 10,15. A field
+    whose metadata says argument=True is a positional argument instead."""
     import dataclasses
     import typing
 
@@ -76,7 +77,12 @@ def _dataclass_options(config_class, required=("cache", "out")):
             flag, meta = "--" + f.name.replace("_", "-"), f.metadata
             hint, default, needed = hints[f.name], f.default, f.name in required
             common = dict(help=meta.get("help", ""), metavar=meta.get("metavar"))
-            if hint is bool:
+            if meta.get("argument"):  # positional; click arguments take no help text
+                kind = click.Choice(meta["choices"]) if "choices" in meta else None
+                option = click.argument(f.name, type=kind, required=needed,
+                                        default=None if needed else default,
+                                        metavar=meta.get("metavar") or f.name.upper())
+            elif hint is bool:
                 option = click.option(flag, f.name, is_flag=True, default=default,
                                       help=common["help"])
             elif typing.get_origin(hint) is tuple and typing.get_args(hint)[0] is str:
@@ -330,6 +336,84 @@ def demo(out, clips_per_class, epochs, lr_temporal, seed, workers):
     if workers is not None:
         config.workers = workers
     run_demo(config)
+
+
+# ------------------------------------------------------------------------------ index, labels
+
+def _index_config(name):
+    from pipeline import config
+
+    return getattr(config, name)
+
+
+@main.command("index")
+@_dataclass_options(_index_config("IndexConfig"), required=("layout", "root", "out"))
+def index(**options):
+    """Write the annotation CSV `extract` reads from a dataset folder as published.
+
+    \b
+    In:  LAYOUT, one of
+         caer     ROOT/{train,validation,test}/<Emotion>/<clip>.avi (label set caer7;
+                  validation becomes the val split)
+         daisee   ROOT/DataSet/{Train,Validation,Test}/<subject>/<clip>/<clip>.avi and
+                  ROOT/Labels/{Train,Validation,Test}Labels.csv (--target engagement|boredom|
+                  confusion|frustration, label set daisee-TARGET4; every level and the
+                  subject kept as columns for `evaluate --group-by`)
+         dfew     ROOT/EmoLabel_DataSplit/{train,test}(single-labeled)/set_N.csv with
+                  ROOT/Clip/clip_224x224/<id>/ frames or Clip/original/<id>.mp4 (--fold 1..5,
+                  --clips; label set dfew7, DFEW's labels 1-7)
+         folders  ROOT/<split>/<class>/<clip> (--split-from folder) or ROOT/<class>/<clip>
+                  (--split-from none); a clip is a video file or a folder of frames; the
+                  classes are the folder names (a label set is written next to --out) or
+                  those of --labels
+         and ROOT, the dataset's top folder.
+    Out: FILE.csv with columns path (relative to ROOT), label, split, id and metadata; the
+         clip count per class and split, and the extract command to run next.
+    Entries that do not fit the layout (stray files, labelled clips missing on disk) are
+    listed on stderr and left out; a ROOT of another layout, an unknown class or a bad
+    label file stops with exit status 2 and one line naming the path.
+    Example:
+      python cli.py index daisee DAiSEE/ --out daisee.csv --target engagement
+      python cli.py index folders my_clips/ --out mine.csv --split-from none
+    """
+    from pipeline.config import IndexConfig
+    from pipeline.datasets import index_dataset, report_lines, skipped_lines
+
+    result = index_dataset(IndexConfig(**options))
+    for line in skipped_lines(result):
+        click.echo(line, err=True)
+    for line in report_lines(result):
+        click.echo(line)
+
+
+@main.command("labels")
+@_dataclass_options(_index_config("LabelsConfig"), required=())
+def labels(**options):
+    """List the built-in label sets: classes in order (label index 0, 1, ...) and descriptors.
+
+    \b
+    "both" is the descriptor the prompts use with face and context streams, "face" the one
+    for --streams face (shown when it differs). `--labels NAME` of extract takes the name;
+    --json prints the shape a --labels FILE takes, to start your own from.
+    Example:
+      python cli.py labels
+      python cli.py labels daisee-engagement4 --json
+    """
+    import json
+
+    from pipeline.config import LabelsConfig
+    from pipeline.labels import ABOUT, BUILTIN, LabelSetError, format_label_set
+
+    cfg = LabelsConfig(**options)
+    if cfg.name is not None and cfg.name not in BUILTIN:
+        raise LabelSetError(f"no built-in label set {cfg.name!r}; there are "
+                            f"{', '.join(BUILTIN)}")
+    chosen = [cfg.name] if cfg.name else list(BUILTIN)
+    if cfg.json:
+        data = [BUILTIN[n].as_dict() for n in chosen]
+        click.echo(json.dumps(data[0] if cfg.name else data, indent=1))
+    else:
+        click.echo("\n\n".join(format_label_set(BUILTIN[n], ABOUT[n]) for n in chosen))
 
 
 if __name__ == "__main__":

@@ -67,3 +67,71 @@ class ExtractConfig:
 
 CHOICES = {f.name: f.metadata["choices"] for f in fields(ExtractConfig)
            if "choices" in f.metadata}
+
+
+# ------------------------------------------------------------------------------ index, labels
+# `index LAYOUT ROOT`: fields marked argument=True are positional; the rest are --flags. Each
+# layout-specific option names the layouts it applies to, so validate() can refuse a flag that
+# would silently do nothing.
+
+LAYOUTS = ("caer", "daisee", "dfew", "folders")
+DAISEE_TARGETS = ("engagement", "boredom", "confusion", "frustration")
+DFEW_CLIPS = ("auto", "clip_224x224", "clip_224x224_16f", "original")
+
+
+@dataclass
+class IndexConfig:
+    """Every option of ``index``: LAYOUT and ROOT are arguments, the rest --flags."""
+
+    layout: str = _option("", "Layout of ROOT.", choices=LAYOUTS, argument=True)
+    root: str = _option("", "The dataset's top folder, as downloaded.", argument=True)
+    out: str = _option("", "Annotation CSV to write (path,label,split,id + metadata columns).",
+                       metavar="FILE.csv")
+    target: str = _option("engagement", "daisee: the label column that becomes the label "
+                                        "(label set daisee-TARGET4).", choices=DAISEE_TARGETS,
+                          layouts=("daisee",))
+    fold: int = _option(1, "dfew: which of the five folds (set_N.csv) gives train and test.",
+                        layouts=("dfew",))
+    clips: str = _option("auto", "dfew: which copy of the clips (auto: the first present of "
+                                 "clip_224x224, clip_224x224_16f, original).",
+                         choices=DFEW_CLIPS, layouts=("dfew",))
+    split_from: str = _option("folder", "folders: folder = ROOT/<split>/<class>/<clip>; "
+                                        "none = ROOT/<class>/<clip> (no split).",
+                              choices=("folder", "none"), layouts=("folders",))
+    labels: str | None = _option(
+        None, "Label set whose class names the dataset uses [default: the layout's built-in; "
+              "folders: one written from the folder names next to --out].",
+        metavar="NAME|FILE")
+    force: bool = _option(False, "Replace --out (and its .labels.yaml) if they exist.")
+
+    def validate(self) -> None:
+        """Raise CaerError (exit 2) on options that cannot work, before anything is read."""
+        from pipeline.errors import CaerError
+
+        for f in fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if "choices" in meta and value not in meta["choices"]:
+                raise CaerError(f"{_flag(f)} must be one of {', '.join(meta['choices'])}, "
+                                f"not {value!r}")
+            if "layouts" in meta and value != f.default and self.layout not in meta["layouts"]:
+                raise CaerError(f"{_flag(f)} applies to the {' and '.join(meta['layouts'])} "
+                                f"layout only, not {self.layout}")
+        if not 1 <= self.fold <= 5:
+            raise CaerError(f"--fold must be 1..5 (DFEW's five folds), not {self.fold}")
+        if not self.root:
+            raise CaerError("ROOT is required")
+        if not self.out.lower().endswith(".csv"):
+            raise CaerError(f"--out {self.out or '(missing)'}: must end in .csv (extract reads "
+                            f"other suffixes as list files)")
+
+
+@dataclass
+class LabelsConfig:
+    """``labels [NAME]``: the built-in label sets, or one of them."""
+
+    name: str | None = _option(None, "One label set to show.", argument=True)
+    json: bool = _option(False, "Print them as JSON (the shape --labels FILE takes).")
+
+
+def _flag(f) -> str:
+    return "--" + f.name.replace("_", "-") if not f.metadata.get("argument") else f.name.upper()
