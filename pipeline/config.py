@@ -29,8 +29,9 @@ class ExtractConfig:
     root: str | None = _option(
         None, "Clip paths are relative to this [default: each annotation file's folder].",
         metavar="DIR")
-    labels: str = _option("raer5", "Label set: class names and descriptors (YAML/JSON FILE of "
-                                   "the same shape).", metavar="raer5|caer7|FILE")
+    labels: str = _option("raer5", "Label set: class names and descriptors; a built-in NAME "
+                                   "(`python cli.py labels` lists them) or a YAML/JSON FILE of "
+                                   "the same shape.", metavar="NAME|FILE")
     clip: str = _option(DEFAULT_CLIP, "CLIP to use: a Hugging Face id (the paper's by default), "
                                       "a local directory written by save_pretrained, or "
                                       "random:tiny|random:vit-b-32|random:vit-b-16 (untrained, "
