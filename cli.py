@@ -372,8 +372,10 @@ def index(**options):
     Entries that do not fit the layout (stray files, labelled clips missing on disk) are
     listed on stderr and left out; a ROOT of another layout, an unknown class or a bad
     label file stops with exit status 2 and one line naming the path.
-    Example:
+    Examples:
+      python cli.py index caer CAER/ --out caer.csv
       python cli.py index daisee DAiSEE/ --out daisee.csv --target engagement
+      python cli.py index dfew DFEW/ --out dfew-1.csv --fold 1
       python cli.py index folders my_clips/ --out mine.csv --split-from none
     """
     from pipeline.config import IndexConfig

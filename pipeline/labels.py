@@ -1,6 +1,7 @@
 """Label sets: class names with the descriptors the prompt learner encodes (METHOD.md).
 
-``--labels NAME|FILE`` (NAME: one of ``BUILTIN``; ``python cli.py labels`` lists them); FILE is YAML or JSON of the same shape as ``as_dict()``:
+``--labels NAME|FILE``: NAME one of ``BUILTIN`` (``python cli.py labels`` lists them), FILE
+YAML or JSON of the same shape as ``as_dict()``:
 ``{"name": ..., "classes": [{"name": ..., "descriptor": ..., "face_descriptor": ...}, ...]}``.
 """
 
@@ -154,7 +155,8 @@ DAISEE_LEVELS = ("Very low", "Low", "High", "Very high")
 _DAISEE = {
     "engagement": [
         ("Eyes closed or turned away from the screen, a slack face, and a drooping head.",
-         "Slumped back or turned away from the laptop, busy with something else, or leaving the frame."),
+         "Slumped back or turned away from the laptop, busy with something else, or leaving "
+         "the frame."),
         ("Half-open eyes, a blank expression, and a gaze that drifts off the screen.",
          "Leaning back in the chair, chin on a hand, glancing around the room."),
         ("Open eyes on the screen, a relaxed mouth, and a calm, attentive face.",

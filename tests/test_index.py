@@ -181,6 +181,22 @@ def test_daisee_levels_subjects_quirks_and_targets(daisee_root, tmp_path):
     assert meta[0] == "subject" and clips[0].metadata["subject"] == "110001"
 
 
+def test_labels_override_maps_by_class_name_not_position(daisee_root, caer_root, tmp_path):
+    """A --labels set in another order still gives each clip its own class."""
+    reordered = dict(DAISEE["engagement"].as_dict(), name="mine")
+    reordered["classes"] = reordered["classes"][::-1]
+    spec = tmp_path / "mine.json"
+    spec.write_text(json.dumps(reordered))
+    result = _index("daisee", daisee_root, "--out", tmp_path / "d.csv", "--labels", spec)
+    assert result.exit_code == 0, result.output
+    rows = {r["id"]: r["label"] for r in _rows(tmp_path / "d.csv")}
+    assert rows["1100011001"] == "Very low" and rows["1100021002"] == "Very high"
+    assert f"--labels {spec}" in result.stdout
+    # A CAER tree is a fine class-per-folder tree too; index says which command fits better.
+    folders = _index("folders", caer_root, "--out", tmp_path / "f.csv")
+    assert folders.exit_code == 0 and "looks like CAER" in folders.stdout
+
+
 def test_daisee_bad_level_is_exit_2_with_file_and_line(daisee_root, tmp_path):
     root = tmp_path / "DAiSEE"
     shutil.copytree(daisee_root, root)
@@ -223,7 +239,8 @@ def test_dfew_bad_label_and_zipped_split_are_exit_2(dfew_root, tmp_path):
     line = _one_error_line(_index("dfew", root, "--out", tmp_path / "x.csv"))
     assert f"{split}:3: label '8' is not 1-7" in line
     shutil.rmtree(split.parent)
-    (root / "EmoLabel_DataSplit" / "test(single_labeled).zip").write_bytes(b"PK\x05\x06" + bytes(18))
+    empty_zip = b"PK\x05\x06" + bytes(18)
+    (root / "EmoLabel_DataSplit" / "test(single_labeled).zip").write_bytes(empty_zip)
     line = _one_error_line(_index("dfew", root, "--out", tmp_path / "x.csv"))
     assert "test(single_labeled).zip: still an archive; unzip it" in line
 
@@ -297,7 +314,9 @@ def test_index_help_documents_every_layout_with_an_example():
     text = CliRunner().invoke(main, ["index", "--help"]).output
     for layout in ("caer", "daisee", "dfew", "folders"):
         assert f"\n         {layout} " in text or f"  {layout}  " in text
-    assert "Example:" in text and "python cli.py index daisee" in text
+    assert "Examples:" in text
+    for layout in ("caer", "daisee", "dfew", "folders"):
+        assert f"python cli.py index {layout} " in text
     for flag in ("--target", "--fold", "--clips", "--split-from", "--labels", "--force"):
         assert flag in text
 

@@ -54,6 +54,9 @@ def index_dataset(config: IndexConfig) -> IndexResult:
         raise LayoutError(f"{root}: empty; the {config.layout} layout is {module.EXPECTED}")
     _check_layout(root, config.layout, out)
     indexed = module.index(root, config)
+    if config.layout == "folders" and not config.labels and caer.looks_like(root):
+        indexed.notes.append(f"this tree looks like CAER: `python cli.py index caer {root}` "
+                             f"gives its clips the caer7 label set")
     if not indexed.clips:
         first = (f"; first skipped: {indexed.skipped[0].path}: {indexed.skipped[0].reason}"
                  if indexed.skipped else "")

@@ -18,8 +18,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path, PurePath
 
-from pipeline.datasets.common import (Indexed, IndexedClip, LayoutError, Skipped, entries,
-                                      is_video, label_set, relative)
+from pipeline.datasets.common import (Indexed, IndexedClip, LayoutError, Skipped, canonical,
+                                      entries, is_video, label_set, relative)
 
 EXPECTED = ("ROOT/DataSet/{Train,Validation,Test}/<subject>/<clip>/<clip>.avi and "
             "ROOT/Labels/{Train,Validation,Test}Labels.csv")
@@ -81,23 +81,22 @@ def _clips_on_disk(root: Path, folder: Path, skipped: list[Skipped]) -> dict[str
                                                                  "clip folders"))
                 continue
             videos = [p for p in entries(clip_dir) if is_video(p)]
-            named = [p for p in videos if p.stem == clip_dir.name]
             if not videos:
                 skipped.append(Skipped(relative(root, clip_dir), "no video file in the clip "
                                                                  "folder"))
-            for video in (named or videos)[:1]:
-                found[video.stem] = video
-            for extra in (named or videos)[1:] + [v for v in videos if named and v not in named]:
-                skipped.append(Skipped(relative(root, extra), "a second video in the clip "
-                                                              "folder"))
+                continue
+            chosen = next((p for p in videos if p.stem == clip_dir.name), videos[0])
+            found[chosen.stem] = chosen
+            skipped += [Skipped(relative(root, v), "a second video in the clip folder")
+                        for v in videos if v != chosen]
     return found
 
 
 def index(root: Path, config) -> Indexed:
     from pipeline.labels import DAISEE
 
-    labels, _ = label_set(DAISEE[config.target].name, config.labels,
-                          list(DAISEE[config.target].names))
+    levels_named = DAISEE[config.target].names  # level 0..3 -> its class name
+    labels, _ = label_set(DAISEE[config.target].name, config.labels, levels_named)
     label_dir, data_dir = root / "Labels", root / "DataSet"
     files = {s: label_dir / f"{s}Labels.csv" for s in SPLITS}
     if not any(f.is_file() for f in files.values()):
@@ -122,7 +121,7 @@ def index(root: Path, config) -> Indexed:
                 continue
             path = relative(root, video)
             clips.append(IndexedClip(
-                path, labels.names[levels[target]], name, clip,
+                path, canonical(labels, levels_named[levels[target]]), name, clip,
                 {"subject": video.parent.parent.name,
                  **{c.lower(): str(v) for c, v in levels.items()}}))
         for clip, video in on_disk.items():

@@ -18,8 +18,8 @@ import os
 import re
 from pathlib import Path
 
-from pipeline.datasets.common import (Indexed, IndexedClip, LayoutError, Skipped, entries,
-                                      is_frame_folder, label_set, relative)
+from pipeline.datasets.common import (Indexed, IndexedClip, LayoutError, Skipped, canonical,
+                                      entries, is_frame_folder, label_set, relative)
 
 EXPECTED = ("ROOT/EmoLabel_DataSplit/{train,test}(single-labeled)/set_N.csv and "
             "ROOT/Clip/clip_224x224/<id>/ (or Clip/original/<id>.mp4)")
@@ -114,7 +114,7 @@ def index(root: Path, config) -> Indexed:
                 skipped.append(Skipped(f"{relative(root, file)}:{line}",
                                        f"clip {clip} is not in {relative(root, folder)}"))
                 continue
-            name = labels.names[labels.index(DFEW7.names[label - 1])]
+            name = canonical(labels, DFEW7.names[label - 1])
             clips.append(IndexedClip(relative(root, path), name, split, clip,
                                      {"fold": str(config.fold)}))
     return Indexed(clips, skipped, ["fold"], [f"clips from {relative(root, folder)}"])
