@@ -14,10 +14,8 @@ fresh process on a synthetic RAER-sized cache (2,160 train + 540 test clips, 16 
 features) whose fingerprint names random:vit-b-32, so the run loads and runs that text tower.
 Wall time and the process's peak RSS are measured from outside (wait4).
 
-Prompt length: the random: CLIPs' tokenizer (a byte-level BPE learned from the built-in
-descriptors) ends the RAER prompts a few tokens earlier than CLIP's real one. Both parts pad the
-RAER descriptors to the length at which CLIP's real BPE tokenizer ends them (EOT at positions 33, 32, 36, 36, 37, as in
-benchmarks/bench_text_truncation.py), so the text tower does the real model's work.
+Prompt length: random: CLIPs tokenize with CLIP's own BPE, so the RAER prompts end where the
+original's do (EOT at positions 33, 32, 36, 36, 37) and the text tower does the real model's work.
 
 Example:
   python benchmarks/bench_head.py                 # both parts (the 20-epoch run is long)
@@ -50,7 +48,6 @@ from heads.train import _StepModel, _use_sample_dropout, sample_dropout  # noqa:
 from pipeline.clip import build_random_clip  # noqa: E402
 from pipeline.labels import RAER5  # noqa: E402
 
-from bench_text_truncation import bpe_length_labels  # noqa: E402
 from common import environment, write_result  # noqa: E402  (benchmarks/common.py)
 
 
@@ -74,7 +71,7 @@ def time_steps(model, pixels: bool, face, context, labels, steps: int, warmup: i
 
 def per_epoch(args, device) -> dict:
     clip = build_random_clip(args.clip)
-    labels_set = bpe_length_labels() if args.clip != "tiny" else RAER5
+    labels_set = RAER5
     torch.manual_seed(0)
     model = CaerModel(HeadConfig(segments=args.segments), clip, labels_set).to(device)
     _use_sample_dropout(model)
@@ -120,7 +117,7 @@ def full_run(args, workdir: Path) -> dict:
     build_store_from_arrays(
         cache, labels=labels, splits=["train"] * args.train_clips + ["test"] * args.test_clips,
         fingerprint={"clip_spec": f"random:{args.clip}", "clip_revision": clip.revision,
-                     "labels": bpe_length_labels().as_dict() if args.clip != "tiny" else "raer5"},
+                     "labels": "raer5"},
         **views)
     build_s = time.perf_counter() - started
     del views

@@ -6,9 +6,9 @@ mask no position after a prompt's EOT can influence its EOT output, so the tower
 the longest EOT instead of running all 77 positions (tests/test_model.py proves equality).
 
 Setup: the random:vit-b-32 text tower (the real ViT-B/32 shapes: 12 layers, width 512), the five
-RAER prompts with 8 context tokens, padded so that they end where CLIP's real BPE tokenizer ends them:
-EOT at positions 33, 32, 36, 36 and 37 (the original code's tokenized prompts in
-../shared/reference/official-tiny). Each repeat times one forward + backward of the text side of
+RAER prompts with 8 context tokens, tokenized by CLIP's BPE tokenizer (which random: CLIPs use):
+EOT at positions 33, 32, 36, 36 and 37, as in the original code's tokenized prompts
+(../shared/reference/official-tiny). Each repeat times one forward + backward of the text side of
 a training step; full and truncated runs alternate so that background load hits both alike.
 
 Example:
@@ -29,32 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from heads.model import CaerModel, HeadConfig, tokenize_prompts  # noqa: E402
 from pipeline.clip import build_random_clip  # noqa: E402
-from pipeline.labels import RAER5, LabelClass, LabelSet  # noqa: E402
+from pipeline.labels import RAER5  # noqa: E402
 from common import environment, write_result  # noqa: E402  (benchmarks/common.py)
 
 # Where CLIP's BPE tokenizer puts the EOT of "[SOS] X*8 <RAER descriptor>" for the five classes.
 RAER_EOT_POSITIONS = (33, 32, 36, 36, 37)  # CLIP's BPE: "[SOS] X*8 <descriptor> [EOT]"
 N_CTX = 8
-
-
-def bpe_length_labels() -> LabelSet:
-    """RAER5 with each descriptor padded or cut so that the random: CLIPs' tokenizer puts its
-    EOT where CLIP's real BPE tokenizer puts the real descriptor's ([SOS] at 0, context 1..8,
-    text, then EOT): the text tower then does exactly the real model's work."""
-    tokenizer = build_random_clip("tiny").tokenizer
-
-    def n_tokens(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    classes = []
-    for c, eot in zip(RAER5.classes, RAER_EOT_POSITIONS):
-        want, text = eot - 1 - N_CTX, c.descriptor
-        while n_tokens(text) < want:
-            text += " a"
-        while n_tokens(text) > want:
-            text = text[:-1]
-        classes.append(LabelClass(c.name, text, text))
-    return LabelSet("raer5-bpe-length", tuple(classes))
 
 
 def step(model: CaerModel, video: torch.Tensor, labels: torch.Tensor, truncate: bool) -> float:
@@ -81,7 +61,7 @@ def main() -> None:
     clip = build_random_clip(args.clip)
     context_length = clip.model.config.text_config.max_position_embeddings
     eos = clip.tokenizer.eos_token_id
-    labels_set = bpe_length_labels()
+    labels_set = RAER5
     ids = tokenize_prompts(clip.tokenizer, labels_set.descriptors(), N_CTX, context_length)
     assert tuple((ids == eos).int().argmax(1).tolist()) == RAER_EOT_POSITIONS
     torch.manual_seed(0)

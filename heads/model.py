@@ -23,6 +23,7 @@ from torch import nn
 from pipeline.clip import CLIP_MEAN, CLIP_STD, LoadedClip, _pooled
 from pipeline.errors import CaerError
 from pipeline.labels import LabelSet
+from pipeline.tokenizer import clean_text
 
 log = logging.getLogger("caer")
 
@@ -95,20 +96,22 @@ class TemporalTransformer(nn.Module):
 
 def tokenize_prompts(tokenizer, descriptors: list[str], n_ctx: int,
                      context_length: int) -> torch.Tensor:
-    """``[C, context_length]`` ids: [SOS] [X] * n_ctx descriptor [EOT] [pad...].
+    """``[C, context_length]`` ids: [SOS] [X] * n_ctx descriptor [EOT] [0...].
 
     The "X" placeholders are overwritten by the learned context; a descriptor that does not
-    fit is truncated, keeping its EOT (the original code would refuse it).
+    fit is truncated, keeping its EOT (the original code would refuse it). Text is cleaned as
+    OpenAI's tokenizer cleans it, and padded with 0 as its ``clip.tokenize`` pads (the
+    original's prompts); padding never reaches the EOT output through the causal mask.
     """
     placeholder = tokenizer("X", add_special_tokens=False)["input_ids"][0]
     eot = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
+    pad = 0
     if n_ctx + 2 > context_length:
         raise CaerError(f"--n-ctx {n_ctx} leaves no room for a descriptor in the CLIP's "
                         f"{context_length}-token context")
     rows, truncated = [], 0
     for text in descriptors:
-        body = tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]  # SOS..EOT
+        body = tokenizer(clean_text(text), add_special_tokens=True, verbose=False)["input_ids"]
         ids = body[:1] + [placeholder] * n_ctx + body[1:]
         if len(ids) > context_length:
             truncated += 1

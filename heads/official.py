@@ -20,10 +20,11 @@ saved in RUN/clip. The head maps ``temporal_net`` -> face_temporal, ``temporal_n
 context_temporal, ``project_fc`` -> fusion, ``prompt_learner.ctx`` -> the prompt context; the
 prompts' frozen token embeddings (``token_prefix``, ``token_suffix``) are kept exactly, since the
 original encodes those and not a fresh lookup. Each prompt's end-of-text position is derived from
-the checkpoint itself (see ``prompt_token_ids_from_checkpoint``). The real CLIP BPE vocabulary is
-not available offline, so RUN/clip carries caer-kit's byte-level stand-in tokenizer (good for
-``extract --clip RUN/clip``, which only encodes images) and the run stores its prompts' token
-ids and embeddings, so it never re-tokenizes. The run records the original's preprocessing:
+the checkpoint itself (see ``prompt_token_ids_from_checkpoint``). RUN/clip carries CLIP's own
+BPE tokenizer (pipeline/tokenizer.py, built offline from OpenAI's vocabulary), so a head trained
+later on ``extract --clip RUN/clip`` features tokenizes its descriptors into the ids the
+original fed this CLIP; the imported run itself stores its prompts' token ids and embeddings,
+so it never re-tokenizes. The run records the original's preprocessing:
 pixels in [0, 1] without CLIP's mean/std (normalize "none") and squashed face crops.
 """
 
@@ -433,7 +434,8 @@ def import_official(checkpoint: str | os.PathLike, out: str | os.PathLike, label
     """Convert a CLIP-CAER release checkpoint into a caer-kit run at ``out``."""
     from heads.model import CaerModel, HeadConfig
     from heads.run import save_run
-    from pipeline.clip import LoadedClip, byte_level_tokenizer, weights_digest
+    from pipeline.clip import LoadedClip, weights_digest
+    from pipeline.tokenizer import VOCAB_SIZE, clip_tokenizer
     from pipeline.labels import load_label_set
 
     checkpoint, out = Path(checkpoint), Path(out)
@@ -483,7 +485,10 @@ def import_official(checkpoint: str | os.PathLike, out: str | os.PathLike, label
         temporal_mlp_dim=face["face_temporal.layers.0.mlp.0.weight"].shape[0],
         dropout=0.1, segments=face["face_temporal.pos_embedding"].shape[1] - 1, streams="both",
         logit_scale=100.0)
-    tokenizer = byte_level_tokenizer(token_embedding.shape[0], token_ids.shape[1])
+    if token_embedding.shape[0] != VOCAB_SIZE:
+        raise CheckpointError(f"{checkpoint}: a text vocabulary of {token_embedding.shape[0]} "
+                              f"tokens; CLIP's BPE tokenizer has {VOCAB_SIZE}")
+    tokenizer = clip_tokenizer(token_ids.shape[1])
     digest = weights_digest(clip_model)
     clip = LoadedClip(clip_model, tokenizer, f"import-official:{checkpoint.name}", digest)
     model = CaerModel(config, clip, label_set, normalize="none", prompt_token_ids=token_ids)

@@ -17,7 +17,7 @@ A run directory holds::
                           changed CLIP is refused
         labels            the label set (pipeline.labels.LabelSet.as_dict)
         prompts           {token_ids: [C][L]}: the exact prompt tokens, so loading never
-                          re-tokenizes (an imported CLIP has no real BPE vocabulary)
+                          re-tokenizes (a run keeps the ids it was trained with)
         preprocessing     what a cache or input must match: normalize ("clip" | "none"),
                           face_resize, face_margin, segments, image_size, ...
         cache_fingerprint the fingerprint of the cache it was trained on (null if none)

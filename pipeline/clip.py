@@ -1,13 +1,13 @@
 """The one CLIP loader every stage uses: ``--clip SPEC``.
 
 SPEC is a Hugging Face model id, a local directory written by ``save_pretrained``, or
-``random:<shape>`` for an untrained CLIP built offline (tests, demo, benchmarks).
+``random:<shape>`` for an untrained CLIP built offline (tests, demo, benchmarks), which
+tokenizes with CLIP's own BPE vocabulary (pipeline/tokenizer.py).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -17,6 +17,7 @@ import torch
 
 from pipeline.config import DEFAULT_CLIP
 from pipeline.errors import CaerError
+from pipeline.tokenizer import VOCAB_SIZE, clean_text, clip_tokenizer
 
 log = logging.getLogger("caer")
 
@@ -39,7 +40,7 @@ class RandomClipShape:
     vision_layers: int
     text_width: int
     text_layers: int
-    vocab_size: int = 49408
+    vocab_size: int = VOCAB_SIZE  # CLIP's BPE vocabulary, which every random: CLIP tokenizes with
     context_length: int = 77
 
 
@@ -79,7 +80,7 @@ class LoadedClip:
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
-        tokens = self.tokenizer(texts, padding="max_length", truncation=True,
+        tokens = self.tokenizer([clean_text(t) for t in texts], padding="max_length", truncation=True,
                                 max_length=self.model.config.text_config.max_position_embeddings,
                                 return_tensors="pt")
         device = next(self.model.parameters()).device
@@ -94,48 +95,6 @@ class LoadedClip:
 def _pooled(out) -> torch.Tensor:
     # transformers 5 returns a ModelOutput from get_*_features, 4.x a tensor.
     return out if isinstance(out, torch.Tensor) else out.pooler_output
-
-
-def byte_level_tokenizer(vocab_size: int, context_length: int = 77):
-    """A CLIP-like byte-level BPE tokenizer that needs no downloaded vocabulary.
-
-    Its merges are learned, deterministically, from the built-in class descriptors, so the
-    prompts of a random: CLIP are about as long as with CLIP's real tokenizer (RAER's end
-    at positions 32-37 with 8 context tokens, as the reference's) instead of one token per
-    byte; any other text still tokenizes, byte by byte. Start and end of text take CLIP's
-    ids (the last two of the vocabulary), padding is end-of-text, and text is lower-cased,
-    as in CLIP.
-    """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers import trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from pipeline.labels import BUILTIN
-
-    def bare(model):
-        tok = Tokenizer(model)
-        tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        return tok
-
-    corpus = [d for labels in BUILTIN.values() for streams in ("both", "face")
-              for d in labels.descriptors(streams)]
-    learner = bare(models.BPE())
-    learner.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=min(4000, vocab_size - 2), show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    learned = json.loads(learner.to_str())["model"]
-    vocab = dict(learned["vocab"])
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
-    sot, eot = "<|startoftext|>", "<|endoftext|>"
-    vocab[sot], vocab[eot] = vocab_size - 2, vocab_size - 1
-    tok = bare(models.BPE(vocab=vocab, merges=merges))
-    tok.add_special_tokens([sot, eot])
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{sot} $A {eot}", special_tokens=[(sot, vocab[sot]), (eot, vocab[eot])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=sot, eos_token=eot,
-                                   pad_token=eot, unk_token=eot, model_max_length=context_length)
 
 
 def build_random_clip(shape: str, seed: int = RANDOM_SEED) -> LoadedClip:
@@ -181,8 +140,7 @@ def build_random_clip(shape: str, seed: int = RANDOM_SEED) -> LoadedClip:
                 layer.self_attn.v_proj.weight.mul_(5.0)
                 layer.self_attn.out_proj.weight.mul_(10.0)
     model.eval()
-    tokenizer = byte_level_tokenizer(s.vocab_size, s.context_length)
-    return LoadedClip(model, tokenizer, f"random:{shape}", f"seed{seed}-{weights_digest(model)}")
+    return LoadedClip(model, clip_tokenizer(s.context_length), f"random:{shape}", f"seed{seed}-{weights_digest(model)}")
 
 
 def cpu_has_native_bf16() -> bool:

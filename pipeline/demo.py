@@ -44,9 +44,8 @@ class DemoClass:
     frame_folders: bool = False  # stored as RAER-style JPEG folders + list files
 
 
-# Descriptors stay short: random:tiny's tokenizer learned its merges from the built-in RAER and
-# CAER descriptors, so other words split into many tokens (these take 23-31), and CLIP's
-# context is 77 tokens, 8 of them the learnable prompt; a longer one would be cut.
+# Descriptors stay well inside CLIP's 77-token context (8 of its positions hold the learnable
+# prompt): CLIP's BPE makes 6-14 tokens of each.
 CLASSES = (
     DemoClass("driver", "carphone_pristine.mp4", "car",
               "A young man talks in the back seat of a car.",

@@ -257,6 +257,20 @@ def test_imported_run_records_the_original_setup(imported_run):
     assert not any(p.suffix in (".pth", ".pt", ".bin") for p in imported_run.rglob("*"))
 
 
+def test_a_head_on_the_imported_clip_tokenizes_as_the_original(imported_run):
+    # What train-head does after `extract --clip RUN/clip`: RUN/clip's saved tokenizer is
+    # CLIP's own BPE, so the descriptors become exactly the original's prompt ids.
+    from heads import CaerModel, HeadConfig
+    from pipeline.clip import load_clip
+    from pipeline.labels import RAER5
+
+    expected = _reference()["tokenized_prompts"]
+    clip = load_clip(str(imported_run / "clip"))
+    model = CaerModel(HeadConfig(), clip, RAER5)
+    np.testing.assert_array_equal(model.prompt_learner.token_ids.numpy(), expected)
+    assert type(clip.tokenizer).__name__.startswith("CLIPTokenizer")
+
+
 def test_import_refuses_a_wrong_label_set_and_an_existing_out(imported_run, tmp_path):
     result = CliRunner().invoke(main, ["import-official", str(CHECKPOINT), "--out",
                                        str(tmp_path / "r"), "--labels", "caer7"])
