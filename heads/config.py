@@ -21,6 +21,9 @@ class TrainConfig:
         "help": "both | face | context (face uses the face-only descriptors)."})
     epochs: int = field(default=20, metadata={"help": "Training epochs."})
     batch_size: int = field(default=8, metadata={"help": "Clips per optimizer step (global)."})
+    drop_last: bool = field(default=False, metadata={
+        "help": "Drop each epoch's last, partial batch, as the original's DataLoader does "
+                "(default: train on it)."})
     lr_temporal: float = field(default=1e-2, metadata={"help": "SGD lr of the temporal transformers."})
     lr_prompt: float = field(default=1e-3, metadata={"help": "SGD lr of the prompt context."})
     lr_fusion: float = field(default=1e-5, metadata={"help": "SGD lr of the fusion Linear."})

@@ -11,6 +11,7 @@ the order of float sums in the gradient all-reduce).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -146,6 +147,33 @@ def _check_out(config: TrainConfig) -> None:
 
 # ============================================================================ one run
 
+class _FirstOfEpoch(torch.utils.data.Sampler):
+    """The first ``n`` indices of a (Distributed)Sampler's epoch."""
+
+    def __init__(self, sampler, n: int):
+        self.sampler, self.n = sampler, n
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.n)
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _full_batches_only(sampler, n_train: int, batch_size: int, world: int) -> _FirstOfEpoch:
+    """--drop-last: keep the epoch's full global batches. Rank r's i-th index is position
+    r + i * world of the epoch's one permutation, so each rank keeping its first
+    steps * batch_size / world indices keeps exactly the first steps global batches."""
+    steps = n_train // batch_size
+    if steps == 0:
+        raise CaerError(f"--drop-last: {n_train} training clips are fewer than --batch-size "
+                        f"{batch_size}, so every batch would be dropped")
+    return _FirstOfEpoch(sampler, steps * batch_size // world)
+
+
 @dataclass
 class State:
     """What a checkpoint records besides tensors; JSON-serialisable."""
@@ -188,11 +216,13 @@ def fit(config: TrainConfig, kind: str, seed: int, run_dir: Path) -> dict:
         if keys:
             raise CaerError(f"--resume: the cache differs from the one {run_dir} was trained on: "
                             f"{describe_mismatch(old, fingerprint, keys)}")
+        # An option added after the run was made counts as its default there.
+        recorded = {**_options(type(config)(), seed), **checkpoint["options"]}
         changed = [k for k in options if k not in RESUMABLE_CHANGES
-                   and json.dumps(options[k]) != json.dumps(checkpoint["options"].get(k))]
+                   and json.dumps(options[k]) != json.dumps(recorded.get(k))]
         if changed:
             raise CaerError("--resume: options differ from the run's: " + "; ".join(
-                f"--{k.replace('_', '-')} (run {checkpoint['options'].get(k)}, now {options[k]})"
+                f"--{k.replace('_', '-')} (run {recorded.get(k)}, now {options[k]})"
                 for k in changed))
     if rank == 0:
         log.info("%s seed %d -> %s: %s", kind, seed, run_dir, splits.describe())
@@ -234,6 +264,8 @@ def fit(config: TrainConfig, kind: str, seed: int, run_dir: Path) -> dict:
         train_data = range(len(splits.train))  # positions in the bank
     sampler = torch.utils.data.DistributedSampler(train_data, num_replicas=world, rank=rank,
                                                   shuffle=True, seed=seed, drop_last=False)
+    if config.drop_last:
+        sampler = _full_batches_only(sampler, len(splits.train), config.batch_size, world)
     micro_batch = config.batch_size // (world * getattr(config, "accumulate", 1))
 
     if rank == 0:

@@ -113,6 +113,35 @@ def test_resume_after_a_stop_gives_the_same_weights_as_an_uninterrupted_run(tmp_
     assert read(tmp_path / "full") == read(tmp_path / "cut")
 
 
+def test_drop_last_drops_each_epoch_s_last_partial_batch_on_any_rank_layout(tmp_path):
+    from torch.utils.data import DistributedSampler
+
+    from heads.train import _full_batches_only
+
+    make_store(tmp_path / "c.zarr", n_train=21, n_test=5)
+    opts = dict(epochs=2, milestones=(1,), batch_size=8, val_fraction=0, select="last")
+    train_head(config(tmp_path / "c.zarr", tmp_path / "keep", **opts))
+    train_head(config(tmp_path / "c.zarr", tmp_path / "drop", drop_last=True, **opts))
+    steps = lambda run: [json.loads(line)["step"]  # noqa: E731
+                         for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps(tmp_path / "keep") == [3, 6] and steps(tmp_path / "drop") == [2, 4]
+    assert json.loads((tmp_path / "drop" / "config.json").read_text())["train"]["drop_last"]
+
+    # The kept clips are the first two global batches of the epoch's one permutation, whether
+    # one process or two (DDP) share them.
+    order = list(DistributedSampler(range(21), num_replicas=1, rank=0, shuffle=True, seed=3))
+    one = _full_batches_only(DistributedSampler(range(21), num_replicas=1, rank=0, seed=3), 21, 8, 1)
+    assert list(one) == order[:16] and len(one) == 16
+    ranks = [list(_full_batches_only(DistributedSampler(range(21), num_replicas=2, rank=r, seed=3),
+                                     21, 8, 2)) for r in (0, 1)]
+    assert ranks[0] == order[0:16:2] and ranks[1] == order[1:16:2]
+
+    with pytest.raises(CaerError, match="fewer than --batch-size 32"):
+        train_head(config(tmp_path / "c.zarr", tmp_path / "none", drop_last=True,
+                          **{**opts, "batch_size": 32}))
+    assert not (tmp_path / "none").exists()
+
+
 def test_a_killed_run_without_a_checkpoint_epoch_is_replayed(tmp_path):
     """A stop inside an epoch (here --max-steps) leaves the previous checkpoint; --resume
     replays the unfinished epoch and lands on the uninterrupted result."""
