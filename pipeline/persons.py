@@ -138,7 +138,8 @@ def _weighted_nms(boxes: np.ndarray, keypoints: np.ndarray, scores: np.ndarray,
 
 
 class PersonDetector:
-    """People in an RGB frame, most confident first.
+    """People in an RGB frame, most confident first. Like the LiteRT interpreter it holds, a
+    detector serves one thread at a time (extract's workers are processes, one each).
 
     >>> detector = PersonDetector()
     >>> people = detector.detect(rgb)   # [Person(body=(x0, y0, x1, y1), face=..., score, ...)]
