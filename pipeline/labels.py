@@ -46,13 +46,15 @@ class LabelSet:
         lowered = [n.lower() for n in self.names]
         if text.lower() in lowered:
             return lowered.index(text.lower())
-        if text.lstrip("-").isdigit():
+        digits = text.removeprefix("-")
+        if digits.isascii() and digits.isdigit() and len(digits) <= 18:  # int() takes these
             i = int(text)
             if 0 <= i < len(self):
                 return i
             raise LabelSetError(f"label {i} is out of range 0..{len(self) - 1} for label set "
                                 f"'{self.name}'")
-        raise LabelSetError(f"unknown label '{text}'; label set '{self.name}' has: "
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        raise LabelSetError(f"unknown label '{shown}'; label set '{self.name}' has: "
                             f"{', '.join(self.names)}")
 
     def as_dict(self) -> dict:

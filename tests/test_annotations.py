@@ -72,3 +72,64 @@ def test_duplicate_id_across_files_and_split_count(tmp_path):
         read_annotations([a, b], RAER5, ["p", "q", "r"])
     with pytest.raises(AnnotationError, match="no such annotation file"):
         read_annotations([tmp_path / "nope.csv"], RAER5)
+
+
+# ---- files in another encoding, or broken: one FILE:LINE line, exit 2, nothing written ------
+
+_LATIN1_CSV = "path,label,scene\nclips/a.mp4,Neutrality,caf\u00e9\nclips/b.mp4,1,lab\n"
+
+
+@pytest.mark.parametrize("name,data,problem", [
+    ("latin1.csv", _LATIN1_CSV.encode("latin-1"), ":2: not UTF-8 (byte 0xe9 at column 27)"),
+    ("latin1.txt", "Images/\u00e9t\u00e9 36 1\n".encode("latin-1"), ":1: not UTF-8 (byte 0xe9"),
+    ("utf16.csv", _LATIN1_CSV.encode("utf-16"), ":1: UTF-16 text"),
+    ("utf16.txt", "Images/0001 36 1\n".encode("utf-16"), ":1: UTF-16 text"),
+    ("nobom16.txt", "Images/0001 36 1\n".encode("utf-16-le"), ":1: contains a NUL character"),
+    ("huge.csv", b"path,label\nx.mp4,1\n\"" + b"y" * 200_000 + b"\",2\n",
+     ":3: a field longer than 131072 characters"),
+    ("unclosed.csv", b"path,label\nx.mp4,1\n\"y.mp4,2\n" + b"z" * 140_000 + b"\n",
+     ":3: a field longer than 131072 characters (an unclosed quote"),
+    ("longpath.csv", b"path,label\n" + b"d/" * 3000 + b"x.mp4,1\n", ":2: a path of 6005 characters"),
+    ("longpath.txt", b"a 1 1\n" + b"d/" * 3000 + b"x 36 1\n", ":2: a path of 6001 characters"),
+    ("digits.txt", "x \u00b2 1\n".encode(), ":1: malformed line"),
+    ("bigcount.txt", b"x " + b"9" * 5000 + b" 1\n", ":1: malformed line"),
+    ("biglabel.csv", b"path,label\nx.mp4," + b"9" * 5000 + b"\n", ":2: unknown label '999"),
+])
+def test_undecodable_and_broken_files_give_one_line(tmp_path, name, data, problem):
+    f = tmp_path / name
+    f.write_bytes(data)
+    with pytest.raises(AnnotationError) as err:
+        read_annotations([f], RAER5, ["train"])
+    message = str(err.value)
+    assert message.startswith(f"{f}{problem}"), message
+    assert "\n" not in message and len(message) < 400 and err.value.exit_code == 2
+
+
+def test_utf8_with_and_without_bom_read_the_same(tmp_path):
+    text = "path,label,scene\nclips/\u00e9t\u00e9.mp4,Neutrality,caf\u00e9\n"
+    plain, bom = tmp_path / "plain.csv", tmp_path / "bom.csv"
+    plain.write_bytes(text.encode("utf-8"))
+    bom.write_bytes(text.encode("utf-8-sig"))
+    assert read_annotations([plain], RAER5) == read_annotations([bom], RAER5)
+    rows, meta = read_annotations([bom], RAER5)
+    assert meta == ["scene"] and rows[0].metadata == {"scene": "caf\u00e9"}
+    assert rows[0].id == "clips/\u00e9t\u00e9.mp4"
+    listed = tmp_path / "list.txt"
+    listed.write_bytes("Images/\u00e9t\u00e9 36 1\n".encode("utf-8-sig"))
+    assert read_annotations([listed], RAER5, ["train"])[0][0].id == "Images/\u00e9t\u00e9"
+
+
+def test_extract_refuses_a_latin1_csv_with_exit_2_and_writes_nothing(tmp_path):
+    from click.testing import CliRunner
+
+    from cli import main
+
+    f = tmp_path / "latin1.csv"
+    f.write_bytes(_LATIN1_CSV.encode("latin-1"))
+    cache = tmp_path / "out.zarr"
+    result = CliRunner().invoke(main, ["extract", "--annotations", str(f), "--cache", str(cache),
+                                       "--clip", "random:tiny", "--workers", "0"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith(f"error: {f}:2: not UTF-8") and "iconv" in lines[-1]
+    assert not cache.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["latin1.csv"]
