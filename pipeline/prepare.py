@@ -62,7 +62,7 @@ def _prepare(task: dict) -> dict:
     info = probe_clip(task["path"])
     indices = sample_indices(info.n_frames, s, k)
     frames = read_frames(task["path"], indices, info)
-    notes = []
+    notes = [info.note] if info.note else []
     listed = task["listed_frames"]
     if listed >= 0 and listed != info.n_frames:
         notes.append(f"list file says {listed} frames, {info.n_frames} on disk (disk used)")

@@ -4,7 +4,13 @@ A clip's frames are numbered 0..n_frames-1 in presentation order. For a video th
 from the packets' timestamps (demuxing is cheap, decoding is not), so frame numbers are the
 same whether a frame was reached by decoding straight through or by seeking to a keyframe.
 For a folder it is the natural order of the file names ("2.jpg" before "10.jpg"); the
-original code sorted them as strings, which puts "10.jpg" before "2.jpg".
+original code sorted them as strings, which puts "10.jpg" before "2.jpg". Hidden files (names
+starting with ".") are not frames: a folder copied from a Mac holds an AppleDouble "._N.jpg"
+beside each frame, which is metadata, not a JPEG.
+
+A video with several video streams (two camera angles, a cover picture) is read from its
+default stream (the container's disposition flag), else from its largest one; cover pictures
+(attached_pic) are never chosen while there is a real stream. ``ClipInfo.note`` says which.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ class ClipInfo:
     keyframes: list[int] | None = None          # frame numbers of keyframes (video only)
     frame_pts: list[int] | None = field(default=None, repr=False)  # pts of frame i (video only)
     files: list[str] | None = field(default=None, repr=False)      # image names (folder only)
+    stream_index: int = 0          # the container's index of the stream read (video only)
+    note: str = ""                 # what the reader chose for the user, e.g. which stream
 
 
 def natural_key(name: str) -> list:
@@ -76,8 +84,8 @@ def probe_clip(path) -> ClipInfo:
 def _probe_folder(path: Path) -> ClipInfo:
     from PIL import Image
 
-    files = sorted((p.name for p in path.iterdir()
-                    if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()), key=natural_key)
+    files = sorted((p.name for p in path.iterdir() if not p.name.startswith(".")
+                    and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()), key=natural_key)
     for name in files:  # the size comes from the first image whose header reads
         try:
             with Image.open(path / name) as img:
@@ -103,9 +111,10 @@ def _probe_video(path: Path) -> ClipInfo:
         if not container.streams.video:
             container.close()
             raise ClipError("no video stream")
-        return container, container.streams.video[0]
+        return container, choose_stream(container.streams.video)
 
     container, stream = open_video()
+    note, index = stream_note(container.streams.video, stream), stream.index  # while open
     with container:
         rate = stream.average_rate or stream.guessed_rate
         fps = float(rate) if rate else None
@@ -140,7 +149,37 @@ def _probe_video(path: Path) -> ClipInfo:
     if rotation in (90, 270):
         width, height = height, width
     return ClipInfo(str(path), "video", len(pts), fps, width, height, rotation, keyframes,
-                    frame_pts)
+                    frame_pts, stream_index=index, note=note)
+
+
+def choose_stream(streams):
+    """The video stream to read: the default one, else the largest; pictures last."""
+    def flags(stream) -> int:
+        try:
+            return int(stream.disposition)
+        except Exception:  # noqa: BLE001 - a build without dispositions: no preference
+            return 0
+
+    import av
+
+    picture = int(av.stream.Disposition.attached_pic) | int(av.stream.Disposition.still_image)
+    moving = [s for s in streams if not flags(s) & picture] or list(streams)
+    default = [s for s in moving if flags(s) & int(av.stream.Disposition.default)]
+    if len(default) == 1:
+        return default[0]
+    # No single default: the most pixels (first of equals), as a viewer would show.
+    return max(default or moving, key=lambda s: ((s.width or 0) * (s.height or 0), -s.index))
+
+
+def stream_note(streams, chosen) -> str:
+    if len(streams) < 2:
+        return ""
+    import av
+
+    why = "the default" if int(chosen.disposition) & int(av.stream.Disposition.default) \
+        else "the largest"
+    return (f"{len(streams)} video streams; read stream #{chosen.index} ({why}, "
+            f"{chosen.width}x{chosen.height})")
 
 
 def _first_frame(container, stream):
@@ -265,7 +304,10 @@ def _read_video(path: Path, info: ClipInfo, wanted: list[int], seek_min_gap: int
     except Exception as err:
         raise ClipError(f"not a video: {_first_line(err)}") from None
     with container:
-        stream = container.streams.video[0]
+        stream = next((s for s in container.streams.video if s.index == info.stream_index),
+                      None)
+        if stream is None:
+            raise ClipError(f"video stream #{info.stream_index} vanished since the probe")
         frames = None       # the running decode generator
         position = 0        # the number the next decoded frame will have
         previous = None     # (number, frame) last decoded

@@ -354,3 +354,98 @@ def test_unreadable_wanted_image_names_the_file(tmp_path):
     assert len(read_frames(folder, [0, 1, 3], info)) == 3  # the broken file is not wanted
     with pytest.raises(ClipError, match="^unreadable image 3.jpg"):
         read_frames(folder, [2], info)
+
+
+# ------------------------------------------------------------------- inputs people really have
+
+def _apple_double(name: str) -> bytes:
+    """An AppleDouble file as macOS writes "._NAME" beside NAME on a non-Apple file system:
+    magic 0x00051607, version 2, a Finder-info entry (id 9) and an empty resource fork (id 2)."""
+    import struct
+
+    finder_info = b"JPEGprvw" + bytes(24)  # file type, creator, flags: 32 bytes
+    header = struct.pack(">II16sH", 0x00051607, 0x00020000, b"Mac OS X        ", 2)
+    entries_end = len(header) + 2 * 12
+    entries = struct.pack(">III", 9, entries_end, len(finder_info))
+    entries += struct.pack(">III", 2, entries_end + len(finder_info), 0)
+    data = header + entries + finder_info
+    return data + bytes(4096 - len(data))  # macOS pads them to 4 KiB
+
+
+def test_hidden_files_and_apple_double_twins_are_not_frames(tmp_path):
+    from pipeline.prepare import prepare_clip
+
+    frames = numbered_frames(20)
+    folder = write_frame_folder(tmp_path / "0001", frames)  # 1.jpg .. 20.jpg
+    for i in range(1, 21):
+        (folder / f"._{i}.jpg").write_bytes(_apple_double(f"{i}.jpg"))
+    (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(2040))
+    with pytest.raises(Exception):  # the twins really are not images
+        Image.open(folder / "._3.jpg").load()
+    info = probe_clip(folder)
+    assert info.n_frames == 20 and not any(f.startswith(".") for f in info.files)
+    assert info.files[:3] == ["1.jpg", "2.jpg", "3.jpg"]
+    indices = sample_indices(info.n_frames, 16)
+    got = read_frames(folder, indices, info)
+    clean = write_frame_folder(tmp_path / "clean", frames)
+    expected = read_frames(clean, indices)
+    assert all(np.array_equal(got[i], expected[i]) for i in expected)
+    task = {"index": 0, "path": str(folder), "listed_frames": 20, "segments": 16, "candidates": 1,
+            "face_model": "full", "min_face_score": 0.5, "face_margin": 20,
+            "face_resize": "squash", "image_size": 32, "boxes": {}}
+    result = prepare_clip(task)
+    assert result["status"] == "ok" and result["n_frames"] == 20 and result["note"] == ""
+
+
+def _two_stream_video(path, default: int | None):
+    """Stream 0: 64x48 red frames; stream 1: 128x96 blue frames; ``default`` flags one."""
+    with av.open(str(path), "w") as container:
+        small = container.add_stream("libx264", rate=25)
+        small.width, small.height, small.pix_fmt = 64, 48, "yuv420p"
+        large = container.add_stream("libx264", rate=25)
+        large.width, large.height, large.pix_fmt = 128, 96, "yuv420p"
+        if default is not None:
+            for i, stream in enumerate((small, large)):
+                stream.disposition = (av.stream.Disposition.default if i == default
+                                      else av.stream.Disposition(0))
+        for i in range(12):
+            for stream, color in ((small, (200, 0, 0)), (large, (0, 0, 200))):
+                rgb = np.zeros((stream.height, stream.width, 3), np.uint8)
+                rgb[:] = color
+                for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                    container.mux(packet)
+        for stream in (small, large):
+            for packet in stream.encode():
+                container.mux(packet)
+    with av.open(str(path)) as container:  # the file really has two video streams
+        assert len(container.streams.video) == 2
+        flags = [bool(s.disposition & av.stream.Disposition.default)
+                 for s in container.streams.video]
+    return path, flags
+
+
+@pytest.mark.parametrize("name,default,chosen,why", [
+    ("first-default.mp4", 0, 0, "the default"),
+    ("second-default.mp4", 1, 1, "the default"),
+    ("no-default.mkv", None, 1, "the largest"),
+])
+def test_two_video_streams_read_the_default_else_the_largest(tmp_path, name, default, chosen, why):
+    from pipeline.prepare import prepare_clip
+
+    path, flags = _two_stream_video(tmp_path / name, default)
+    assert flags == [default == 0, default == 1]
+    info = probe_clip(path)
+    size = ((64, 48), (128, 96))[chosen]
+    assert info.stream_index == chosen and (info.width, info.height) == size
+    assert info.n_frames == 12
+    assert info.note == f"2 video streams; read stream #{chosen} ({why}, {size[0]}x{size[1]})"
+    got = read_frames(path, [0, 6, 11], info)
+    for frame in got.values():
+        assert frame.shape == (size[1], size[0], 3)
+        red, blue = frame[..., 0].mean(), frame[..., 2].mean()
+        assert (red > 150 and blue < 50) if chosen == 0 else (blue > 150 and red < 50)
+    task = {"index": 0, "path": str(path), "listed_frames": -1, "segments": 4, "candidates": 1,
+            "face_model": "full", "min_face_score": 0.5, "face_margin": 20,
+            "face_resize": "squash", "image_size": 32, "boxes": {}}
+    result = prepare_clip(task)
+    assert result["status"] == "ok" and result["note"] == info.note  # kept in the manifest
