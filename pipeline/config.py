@@ -29,6 +29,10 @@ class ExtractConfig:
     root: str | None = _option(
         None, "Clip paths are relative to this [default: each annotation file's folder].",
         metavar="DIR")
+    confine_to_root: bool = _option(
+        False, "Record as failed every clip (and frame file) whose real path, symlinks "
+               "followed, lies outside --root (default: its annotation file's folder): for "
+               "annotation files from elsewhere, above all with --pixels, which stores crops.")
     labels: str = _option("raer5", "Label set: class names and descriptors; a built-in NAME "
                                    "(`python cli.py labels` lists them) or a YAML/JSON FILE of "
                                    "the same shape.", metavar="NAME|FILE")

@@ -355,8 +355,9 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
                         f"{d.world}-process torchrun; use a .zarr cache (convert later if "
                         f"needed) or run a single process")
     labels = load_label_set(cfg.labels)
+    roots: dict[str, str] = {}  # clip id -> its root: where its path is looked for
     rows, meta_columns = read_annotations(list(cfg.annotations), labels, list(cfg.split),
-                                          cfg.root)
+                                          cfg.root, roots=roots)
     boxes, boxes_digest = (None, None)
     if cfg.face_boxes is not None:
         boxes, boxes_digest = load_face_boxes(cfg.face_boxes)
@@ -397,7 +398,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
         if outcome:
             d.barrier()
             done_all, t_process, t_startup = _run_share(cfg, d, target, clip, encoder, fp,
-                                                        boxes, device, precision)
+                                                        boxes, device, precision, roots)
             d.barrier()
             if d.rank == 0 and is_hdf5(cache):
                 export_hdf5(target, cache)
@@ -417,9 +418,12 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
 
 
 def _run_share(cfg: ExtractConfig, d: Dist, target: Path, clip, encoder: BatchEncoder, fp: dict,
-               boxes, device: str, precision: str) -> tuple[int, float, float]:
+               boxes, device: str, precision: str,
+               roots: dict[str, str]) -> tuple[int, float, float]:
     """This rank's share of the pending clips: returns (clips done by all ranks, seconds
-    processing, seconds starting the workers)."""
+    processing, seconds starting the workers). ``roots`` maps this run's clip ids to their
+    root; a pending clip of an earlier run falls back on --root."""
+    fallback_root = os.path.abspath(cfg.root) if cfg.root is not None else None
     writer = StoreWriter(target, sweep=False) if d.rank else StoreWriter(target)
     pending = np.flatnonzero(writer.status == 0)
     mine = pending[d.rank::d.world]
@@ -439,7 +443,9 @@ def _run_share(cfg: ExtractConfig, d: Dist, target: Path, clip, encoder: BatchEn
                       "face_model": cfg.face_model, "min_face_score": cfg.min_face_score,
                       "face_margin": cfg.face_margin, "face_resize": cfg.face_resize,
                       "image_size": clip.image_size,
-                      "boxes": None if boxes is None else (boxes_for_clip(boxes, clip_row) or {})})
+                      "boxes": None if boxes is None else (boxes_for_clip(boxes, clip_row) or {}),
+                      "root": roots.get(clip_row.id, fallback_root),
+                      "confine_to_root": cfg.confine_to_root})
     t0 = time.perf_counter()
     pool = start_pool(cfg, tasks[0] if tasks else None)
     t_startup = time.perf_counter() - t0

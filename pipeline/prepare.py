@@ -56,10 +56,10 @@ def prepare_clip(task: dict) -> dict:
 def _prepare(task: dict) -> dict:
     global _DETECTOR
     from pipeline.crops import face_crop, letterbox
-    from pipeline.video import probe_clip, read_frames, sample_indices
+    from pipeline.video import read_frames, sample_indices
 
     s, k = task["segments"], task["candidates"]
-    info = probe_clip(task["path"])
+    info = _probe_under_root(task)
     indices = sample_indices(info.n_frames, s, k)
     frames = read_frames(task["path"], indices, info)
     notes = [info.note] if info.note else []
@@ -115,6 +115,56 @@ def _prepare(task: dict) -> dict:
             "n_frames": info.n_frames, "fps": info.fps or 0.0, "width": info.width,
             "height": info.height, "frame_index": indices.astype(np.int32), "box": box,
             "score": score, "found": found, "face": face, "context": context}
+
+
+def _probe_under_root(task: dict):
+    """probe_clip, with --confine-to-root's check and, for a missing clip, where it may be."""
+    from pipeline.video import ClipError, probe_clip
+
+    path, root = task["path"], task.get("root")
+    if task.get("confine_to_root"):
+        if root is None:
+            raise ClipError("--confine-to-root: this clip's annotation file is not among this "
+                            "run's --annotations, so its root is unknown; pass --root")
+        outside(path, root)
+    try:
+        info = probe_clip(path)
+    except ClipError as err:
+        if str(err) == "file not found" and root is not None:
+            hint = moved_prefix(path, root)
+            if hint:
+                raise ClipError(f"file not found; {hint}") from None
+        raise
+    if task.get("confine_to_root") and info.files:
+        for name in info.files:  # a frame may be a symlink to anywhere
+            outside(os.path.join(path, name), root)
+    return info
+
+
+def outside(path: str, root: str) -> None:
+    """ClipError unless ``path``, symlinks resolved, lies inside ``root`` (resolved too)."""
+    from pipeline.video import ClipError
+
+    real, real_root = os.path.realpath(path), os.path.realpath(root)
+    if os.path.commonpath([real, real_root]) != real_root:
+        shown = path if real == os.path.abspath(path) else f"{path}, which resolves to {real}"
+        raise ClipError(f"outside --root {root} ({shown}); --confine-to-root refuses it")
+
+
+def moved_prefix(path: str, root: str) -> str:
+    """For a missing clip: the prefix to strip when the same trailing path exists under
+    ``root`` (a list file written on another machine, or a root given twice), else ""."""
+    relative = os.path.relpath(path, root)
+    # As written: relative to the root, or (written absolute, elsewhere) the absolute path.
+    written = path if relative.split(os.sep)[0] == os.pardir else relative
+    parts = [p for p in written.split(os.sep) if p]
+    for k in range(1, len(parts)):  # the longest trailing path first
+        candidate = os.path.join(root, *parts[k:])
+        if os.path.exists(candidate):
+            prefix = (os.sep if os.path.isabs(written) else "") + os.path.join(*parts[:k])
+            return (f"{candidate} exists: the annotation paths carry a prefix from another "
+                    f"machine or layout; strip '{prefix}{os.sep}' from them")
+    return ""
 
 
 def _rgb3(rgb: np.ndarray) -> np.ndarray:

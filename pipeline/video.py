@@ -76,6 +76,8 @@ def probe_clip(path) -> ClipInfo:
         return _probe_folder(path)
     if not path.exists():
         raise ClipError("file not found")
+    if not path.is_file():  # opening a FIFO would wait forever, a device read for ever
+        raise ClipError("not a regular file (a device, FIFO or socket)")
     if path.stat().st_size == 0:
         raise ClipError("empty file")
     return _probe_video(path)
