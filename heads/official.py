@@ -12,7 +12,12 @@ whatever the pickle names. ``load_official_checkpoint`` instead uses a restricte
   any torch global outside that list;
 - every other global (the recorder's class, numpy's array helpers) becomes an inert
   placeholder: a class whose constructor, ``__setstate__`` and container methods do nothing, so
-  even a pickle that calls it runs nothing. No module outside the list is ever imported.
+  even a pickle that calls it runs nothing. No module outside the list is ever imported;
+- what the file may make us allocate is bounded by its size: torch.save stores every storage
+  uncompressed, so the storages together cannot hold more bytes than the file has, and the
+  tensors viewing them are bounded to a few times that (``_Budget``). A small file that
+  declares huge (deflated) storages, or stride-0 views of huge shape, is refused before the
+  memory is taken.
 
 Conversion (``import_official``): the OpenAI-format CLIP becomes a transformers CLIPModel with
 every size inferred from the tensors (attention heads = width // 64, as OpenAI's loader does),
@@ -33,6 +38,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import logging
+import math
 import os
 import pickle
 import re
@@ -124,6 +130,48 @@ class _Inert:
         return f"<inert {self._inert_name}>"
 
 
+# Tensors may view one storage several times (the original model holds its CLIP under two
+# names, so its state_dict shows each CLIP tensor twice); this many times the file is plenty.
+VIEW_BYTES_PER_FILE_BYTE = 4
+
+
+class _Budget:
+    """Bytes a checkpoint of ``file_bytes`` may make the import allocate."""
+
+    def __init__(self, source: str, file_bytes: int):
+        self.source, self.file_bytes = source, file_bytes
+        self.storage_bytes = 0
+        self.view_bytes = 0
+
+    def take_storage(self, key: str, nbytes: int) -> None:
+        if self.storage_bytes + nbytes > self.file_bytes:
+            raise CheckpointError(
+                f"{self.source}: refused: storage {key} declares {_size(nbytes)}"
+                + (f", with the storages before it {_size(self.storage_bytes + nbytes)},"
+                   if self.storage_bytes else "")
+                + f" more than the whole file ({_size(self.file_bytes)}); torch.save stores "
+                f"storages uncompressed, so the file is crafted or damaged. Nothing from it "
+                f"was executed")
+        self.storage_bytes += nbytes
+
+    def take_view(self, nbytes: int) -> None:
+        limit = VIEW_BYTES_PER_FILE_BYTE * self.file_bytes + (1 << 20)
+        if self.view_bytes + nbytes > limit:
+            raise CheckpointError(
+                f"{self.source}: refused: its tensors declare over {_size(limit)} in all, more "
+                f"than {VIEW_BYTES_PER_FILE_BYTE} times the {_size(self.file_bytes)} file (views "
+                f"of huge shape over small storages); the file is crafted or damaged. Nothing "
+                f"from it was executed")
+        self.view_bytes += nbytes
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
 def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored):
     # torch._utils._rebuild_tensor_v2's arguments; requires_grad, backward hooks and metadata
     # are dropped (hooks would be callables from the file).
@@ -131,6 +179,9 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored):
         raise CheckpointError("malformed checkpoint: a tensor without a storage")
     if not (isinstance(storage_offset, int) and all(isinstance(v, int) for v in (*size, *stride))):
         raise CheckpointError("malformed checkpoint: non-integer tensor geometry")
+    if any(v < 0 for v in (storage_offset, *size, *stride)):
+        raise CheckpointError("malformed checkpoint: negative tensor geometry")
+    storage.budget.take_view(math.prod(size) * storage.flat.element_size())
     try:
         return torch.as_strided(storage.flat, tuple(size), tuple(stride), storage_offset)
     except RuntimeError as err:  # out of bounds for its storage
@@ -142,8 +193,8 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *_ignored
 
 
 class _Storage:
-    def __init__(self, flat: torch.Tensor):
-        self.flat = flat
+    def __init__(self, flat: torch.Tensor, budget: _Budget):
+        self.flat, self.budget = flat, budget
 
 
 _ALLOWED = {
@@ -158,9 +209,10 @@ _ALLOWED = {
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, source: str):
+    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, source: str,
+                 budget: _Budget):
         super().__init__(file)
-        self.archive, self.prefix, self.source = archive, prefix, source
+        self.archive, self.prefix, self.source, self.budget = archive, prefix, source, budget
         self.storages: dict[str, _Storage] = {}
         self.placeholders: set[str] = set()
 
@@ -196,17 +248,27 @@ class _RestrictedUnpickler(pickle.Unpickler):
         _, storage_type, key, _location, numel = pid
         if key not in self.storages:
             try:
-                raw = bytearray(self.archive.read(f"{self.prefix}data/{key}"))
+                member = self.archive.getinfo(f"{self.prefix}data/{key}")
             except KeyError:
                 raise CheckpointError(f"{self.source}: malformed checkpoint: storage {key} is "
                                       f"missing from the archive") from None
             dtype = storage_type.dtype
             itemsize = torch.empty((), dtype=dtype).element_size()
-            if isinstance(numel, int) and storage_type.dtype != torch.uint8 and len(raw) != numel * itemsize:
+            declared = numel * itemsize if isinstance(numel, int) and numel >= 0 else 0
+            # Both what the pickle declares and what the zip entry says it unpacks to, before
+            # a byte of it is read.
+            self.budget.take_storage(key, max(declared, member.file_size))
+            if isinstance(numel, int) and storage_type.dtype != torch.uint8 and member.file_size != declared:
                 raise CheckpointError(f"{self.source}: malformed checkpoint: storage {key} has "
-                                      f"{len(raw)} bytes, expected {numel * itemsize}")
+                                      f"{member.file_size} bytes, expected {declared}")
+            raw = bytearray(member.file_size)
+            with self.archive.open(member) as f:
+                got = f.readinto(raw)
+            if got != member.file_size:
+                raise CheckpointError(f"{self.source}: malformed checkpoint: storage {key} is "
+                                      f"cut short ({got} of {member.file_size} bytes)")
             flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-            self.storages[key] = _Storage(flat)
+            self.storages[key] = _Storage(flat, self.budget)
         return self.storages[key]
 
 
@@ -236,8 +298,15 @@ def load_official_checkpoint(path: str | os.PathLike) -> dict:
                 order = archive.read(f"{prefix}byteorder").decode(errors="replace").strip()
                 if order != "little":
                     raise CheckpointError(f"{source}: byte order '{order}' is not supported")
+            budget = _Budget(source, path.stat().st_size)
+            pickle_bytes = archive.getinfo(pickles[0]).file_size
+            if pickle_bytes > budget.file_bytes:
+                raise CheckpointError(f"{source}: refused: its data.pkl unpacks to "
+                                      f"{_size(pickle_bytes)}, more than the whole file "
+                                      f"({_size(budget.file_bytes)}); torch.save does not "
+                                      f"compress it, so the file is crafted or damaged")
             with archive.open(pickles[0]) as f:
-                unpickler = _RestrictedUnpickler(f, archive, prefix, source)
+                unpickler = _RestrictedUnpickler(f, archive, prefix, source, budget)
                 obj = unpickler.load()
     except CaerError:
         raise

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import importlib
 import io
 import json
 import os
 import pickle
 import subprocess
+import sys
 import uuid
 import zipfile
 
@@ -278,3 +280,96 @@ def test_import_refuses_a_wrong_label_set_and_an_existing_out(imported_run, tmp_
     assert not (tmp_path / "r").exists()
     result = CliRunner().invoke(main, ["import-official", str(CHECKPOINT), "--out", str(imported_run)])
     assert result.exit_code == 2 and "--force" in result.output
+
+
+# ---- bounded loading: what a small file may make the import allocate -----------------------
+
+class _DeclaredStorage:
+    """Pickled as torch.save's persistent id of a float32 storage of ``numel`` elements."""
+
+    def __init__(self, key: str, numel: int):
+        self.key, self.numel = key, numel
+
+
+class _StoragePickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _DeclaredStorage):
+            return ("storage", torch.FloatStorage, obj.key, "cpu", obj.numel)
+        return None
+
+
+def _tensor(storage, size, stride):
+    return _Call(torch._utils._rebuild_tensor_v2, storage, 0, size, stride, False,
+                 collections.OrderedDict())
+
+
+def _bomb(path, declared_mb: int, marker: str):
+    """A torch.save-shaped zip whose pickle declares a storage of ``declared_mb`` MB that is
+    really in the archive, as deflated zeros (a file of ~1/1000 that size), then a call of
+    os.system that must never run."""
+    numel = declared_mb * 2 ** 20 // 4
+    state = collections.OrderedDict(
+        token_embedding=_tensor(_DeclaredStorage("0", numel), (numel,), (1,)))
+    buffer = io.BytesIO()
+    _StoragePickler(buffer, protocol=2).dump(
+        {"state_dict": state, "recorder": _Call(os.system, f"touch {marker}")})
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", buffer.getvalue())
+        archive.writestr("archive/byteorder", "little")
+        entry = zipfile.ZipInfo("archive/data/0")
+        entry.compress_type = zipfile.ZIP_DEFLATED
+        with archive.open(entry, "w", force_zip64=True) as f:
+            chunk = bytes(1 << 20)
+            for _ in range(declared_mb):
+                f.write(chunk)
+    return path
+
+
+_MEASURE = """
+import json, resource, sys
+sys.path.insert(0, sys.argv[1])
+import heads.model, heads.official, heads.run, transformers  # imported before the baseline
+from click.testing import CliRunner
+from cli import main
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+result = CliRunner().invoke(main, ["import-official", sys.argv[2], "--out", sys.argv[3]])
+grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
+print(json.dumps({"exit": result.exit_code, "output": result.output, "grew_kib": grew}))
+"""
+
+
+def test_a_small_file_declaring_a_huge_storage_is_refused_with_little_memory(tmp_path):
+    from conftest import ROOT
+
+    marker = _marker()
+    checkpoint = _bomb(tmp_path / "bomb.pth", 160, marker)
+    assert checkpoint.stat().st_size < 400_000  # 160 MB declared in a few hundred KB
+    with zipfile.ZipFile(checkpoint) as archive:
+        assert archive.getinfo("archive/data/0").file_size == 160 * 2 ** 20
+    out = subprocess.run([sys.executable, "-c", _MEASURE, str(ROOT), str(checkpoint),
+                          str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["exit"] == 2, report
+    line = report["output"].strip()
+    assert "\n" not in line and line.startswith(f"error: {checkpoint}: refused: storage 0 "
+                                                f"declares 160.0 MB")
+    assert "more than the whole file" in line and "Nothing from it was executed" in line
+    assert report["grew_kib"] < 32 * 1024, report  # reading it in full would take 320 MB
+    assert not os.path.exists(marker) and not (tmp_path / "run").exists()
+
+
+def test_views_of_huge_shape_over_a_small_storage_are_refused(tmp_path):
+    marker = _marker()
+    storage = _DeclaredStorage("0", 4)
+    state = collections.OrderedDict(  # 40000 x 40000 floats (6.4 GB) from 16 bytes
+        w=_tensor(storage, (40000, 40000), (0, 0)))
+    buffer = io.BytesIO()
+    _StoragePickler(buffer, protocol=2).dump({"state_dict": state,
+                                              "x": _Call(os.system, f"touch {marker}")})
+    checkpoint = write_torch_zip(tmp_path / "views.pth", buffer.getvalue(), {"0": bytes(16)})
+    result = CliRunner().invoke(main, ["import-official", str(checkpoint), "--out",
+                                       str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert "refused: its tensors declare over" in result.output
+    assert "views of huge shape over small storages" in result.output
+    assert not os.path.exists(marker) and not (tmp_path / "run").exists()
