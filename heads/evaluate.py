@@ -266,9 +266,18 @@ def _evaluate_store(cfg: EvaluateConfig, run_config: dict, store, progress: bool
     ids = manifest.loc[rows, "id"].to_numpy()
     bad = ~np.isfinite(probs).all(axis=1)
     if bad.any():
-        raise CaerError(f"non-finite predictions for {int(bad.sum())} clips "
-                        f"({', '.join(map(str, ids[bad][:5]))}): their stored "
-                        f"{'crops' if pixels else 'features'} are damaged; extract them again")
+        shown = (f"non-finite predictions for {int(bad.sum())} clips "
+                 f"({', '.join(map(str, ids[bad][:5]))})")
+        # load_run refused weights holding NaN; so either these clips' inputs are damaged, or
+        # finite weights overflow on finite inputs. Say which.
+        damaged = not pixels and not all(
+            np.isfinite(store.features(stream)[rows[bad]]).all() for stream in ("face", "context"))
+        if damaged:
+            raise CaerError(f"{shown}: their stored features in {cfg.cache} hold NaN or inf; "
+                            f"extract them again")
+        raise CaerError(f"{shown}: their stored {'crops' if pixels else 'features'} are finite, "
+                        f"so the run {cfg.run} overflows on them; train it again with lower "
+                        f"learning rates")
 
     classes = list(store.labels.names)
     y_true = manifest.loc[rows, "label"].to_numpy(np.int64)

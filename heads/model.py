@@ -206,6 +206,12 @@ class CaerModel(nn.Module):
                 text.config.max_position_embeddings)
         if prompt_token_ids.shape[0] != len(labels):
             raise CaerError(f"{prompt_token_ids.shape[0]} prompts for {len(labels)} classes")
+        vocab = text.embeddings.token_embedding.num_embeddings
+        if prompt_token_ids.numel() and not (0 <= int(prompt_token_ids.min())
+                                             and int(prompt_token_ids.max()) < vocab):
+            bad = prompt_token_ids[(prompt_token_ids < 0) | (prompt_token_ids >= vocab)][0]
+            raise CaerError(f"prompt token id {int(bad)} is out of range for the CLIP's "
+                            f"vocabulary of {vocab} tokens ({clip.spec})")
         with torch.no_grad():
             token_embeddings = text.embeddings.token_embedding(
                 prompt_token_ids.to(text.embeddings.token_embedding.weight.device))

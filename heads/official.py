@@ -258,7 +258,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             # Both what the pickle declares and what the zip entry says it unpacks to, before
             # a byte of it is read.
             self.budget.take_storage(key, max(declared, member.file_size))
-            if isinstance(numel, int) and storage_type.dtype != torch.uint8 and member.file_size != declared:
+            if (isinstance(numel, int) and storage_type.dtype != torch.uint8
+                    and member.file_size != declared):
                 raise CheckpointError(f"{self.source}: malformed checkpoint: storage {key} has "
                                       f"{member.file_size} bytes, expected {declared}")
             raw = bytearray(member.file_size)
@@ -457,7 +458,13 @@ def prompt_token_ids_from_checkpoint(prefix: torch.Tensor, suffix: torch.Tensor,
     the run encodes the stored embeddings, and only the EOT position is used).
     """
     vocab = token_embedding.shape[0]
+    if vocab < 3:
+        raise CheckpointError(f"a token embedding of {vocab} rows cannot hold the start, end and "
+                              f"placeholder tokens")
     sot, eot = vocab - 2, vocab - 1
+    # The context placeholder's id is never looked up (the learned context replaces it), but
+    # it must index the vocabulary: CLIP's "X" (343) does not exist in a small one.
+    placeholder_id = min(placeholder_id, vocab - 3)
     n_cls, length, width = suffix.shape
     distances = torch.cdist(suffix.reshape(-1, width).double(), token_embedding.double())
     nearest = distances.argmin(dim=1).reshape(n_cls, length)

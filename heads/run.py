@@ -43,9 +43,9 @@ from pathlib import Path
 import torch
 
 from heads.model import CaerModel, HeadConfig
+from heads.run_checks import RunError
 from pipeline import __version__
 from pipeline.clip import LoadedClip, load_clip, weights_digest
-from pipeline.errors import CaerError
 from pipeline.labels import LabelSet, LabelSetError
 
 log = logging.getLogger("caer")
@@ -58,8 +58,8 @@ PREPROCESSING_KEYS = ("normalize", "face_resize", "face_margin", "segments", "im
 _IMAGE_ENCODER = ("clip.vision_model.", "clip.visual_projection.")
 
 
-class RunError(CaerError):
-    pass
+_WEIGHTS_ADVICE = ("train again (with lower learning rates if it diverged) or restore the run "
+                   "from a copy")
 
 
 def save_run(directory: str | os.PathLike, model: CaerModel, *, kind: str, train_options: dict,
@@ -139,16 +139,22 @@ def read_run_config(directory: str | os.PathLike) -> dict:
                        f"again") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise RunError(f"run {directory}: {CONFIG} is not a caer-kit run config")
-    if config.get("format_version", 0) > FORMAT_VERSION:
+    version = config.get("format_version", 0)
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
         raise RunError(f"run {directory}: written by caer-kit {config.get('caer_kit_version')} "
                        f"(run format {config['format_version']}); upgrade caer-kit to read it")
+    from heads.run_checks import check_run_config
+
+    check_run_config(config, path, HeadConfig, PREPROCESSING_KEYS)
     return config
 
 
 def load_run(directory: str | os.PathLike, device: str | torch.device = "cpu") -> CaerModel:
-    """Rebuild a run's model from its directory alone, in eval mode on ``device``."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """Rebuild a run's model from its directory alone, in eval mode on ``device``.
+
+    Every file is checked before it is used (heads/run_checks.py): config.json field by field,
+    the prompt token ids against the CLIP's vocabulary, the weights for NaN and inf."""
+    from heads.run_checks import (check_finite, check_token_ids, load_safetensors)
 
     directory = Path(directory)
     config = read_run_config(directory)
@@ -172,6 +178,9 @@ def load_run(directory: str | os.PathLike, device: str | torch.device = "cpu") -
             raise RunError(f"{where}: its CLIP directory {clip_dir} is missing; copy the whole "
                            f"run directory, not only config.json and {WEIGHTS}")
         clip = load_clip(str(clip_dir))
+        clip_file = clip_dir / "model.safetensors"
+        check_finite(dict(clip.model.named_parameters()),
+                     clip_file if clip_file.is_file() else clip_dir, _WEIGHTS_ADVICE)
         if clip_info.get("weights_digest") and clip.revision != clip_info["weights_digest"]:
             raise RunError(f"{where}: the weights in {clip_dir} differ from those saved with the "
                            f"run (digest {clip.revision} != {clip_info['weights_digest']}); the "
@@ -184,16 +193,14 @@ def load_run(directory: str | os.PathLike, device: str | torch.device = "cpu") -
                            f"but the run was trained with {clip_info['revision']}; load that "
                            f"revision (e.g. a saved copy: --clip DIR) or train again")
 
+    text = clip.model.text_model
+    check_token_ids(config["prompts"]["token_ids"], text.embeddings.token_embedding.num_embeddings,
+                    text.config.max_position_embeddings, directory / CONFIG)
     model = CaerModel(head_config, clip, labels, normalize=prep.get("normalize", "clip"),
                       prompt_token_ids=token_ids)
     weights = directory / WEIGHTS
-    if not weights.is_file():
-        raise RunError(f"{where}: {WEIGHTS} is missing; train again or restore it")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise RunError(f"{where}: {WEIGHTS} is corrupt ({err}); train again or restore "
-                       f"it") from None
+    state = load_safetensors(weights, "the weights file", _WEIGHTS_ADVICE)
+    check_finite(state, weights, _WEIGHTS_ADVICE)
     own = model.state_dict()
     expected = {k for k in model.trainable_state_dict() if not k.startswith(_IMAGE_ENCODER)}
     missing = sorted(expected - set(state))

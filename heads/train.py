@@ -665,16 +665,29 @@ def _save_checkpoint(directory: Path, trainable: dict, optimizer, scheduler, sca
 
 
 def _read_checkpoint(directory: Path) -> dict | None:
-    info = _read_json(directory / "last.json")
-    if info is None:
-        return None
-    path = directory / info["weights"]
-    if not path.is_file():
-        raise CaerError(f"--resume: {path} is missing; the checkpoint is incomplete")
-    from safetensors.torch import load_file
+    """last.json and its tensors for --resume, every file checked (heads/run_checks.py): a
+    torn or edited file is refused with what to do, before anything is trained or written."""
+    from heads.run_checks import (check_checkpoint_info, check_finite, load_safetensors,
+                                  read_json)
 
-    info["tensors"] = load_file(str(path))
-    return info
+    advice = (f"resume cannot continue from it: delete {directory} and run the same command "
+              f"(with --resume) to train this run again from epoch 1, or restore the file")
+    tensors = None
+    for name in ("last", "best"):  # best's weights are loaded after the last epoch
+        path = directory / f"{name}.json"
+        if not path.is_file():
+            continue
+        info = read_json(path, "the checkpoint record", advice)
+        check_checkpoint_info(info, path, name, advice)
+        weights = load_safetensors(directory / info["weights"],
+                                   "the checkpoint's weights file", advice)
+        check_finite(weights, directory / info["weights"], advice)
+        if name == "last":
+            tensors, last = weights, info
+    if tensors is None:
+        return None
+    last["tensors"] = tensors
+    return last
 
 
 def _restore(checkpoint: dict, model, trainable: dict, optimizer, scheduler, scaler) -> State:

@@ -251,7 +251,7 @@ def test_bad_runs_are_refused_with_what_to_do(tiny, tmp_path):
 
     (run / "config.json").write_text(good_config)
     (run / "head.safetensors").write_bytes(good_weights[:1000])
-    with pytest.raises(RunError, match="head.safetensors is corrupt"):
+    with pytest.raises(RunError, match="head.safetensors: the weights file is damaged or cut short"):
         load_run(run)
 
     (run / "head.safetensors").write_bytes(good_weights)

@@ -373,3 +373,14 @@ def test_views_of_huge_shape_over_a_small_storage_are_refused(tmp_path):
     assert "refused: its tensors declare over" in result.output
     assert "views of huge shape over small storages" in result.output
     assert not os.path.exists(marker) and not (tmp_path / "run").exists()
+
+
+def test_a_small_vocabulary_gets_a_placeholder_id_inside_it():
+    g = torch.Generator().manual_seed(1)
+    token_embedding = torch.randn(40, 8, generator=g)  # far below CLIP's "X" (id 343)
+    ids = torch.zeros(2, 1 + 2 + 6, dtype=torch.long)
+    ids[:, 0], ids[0, 3:5], ids[0, 5], ids[1, 3], ids[1, 4] = 38, torch.tensor([5, 6]), 39, 7, 39
+    embedded = token_embedding[ids]
+    recovered, exact = prompt_token_ids_from_checkpoint(embedded[:, :1], embedded[:, 3:],
+                                                        token_embedding, 2)
+    assert exact and int(recovered.max()) < 40 and recovered[:, 1:3].eq(37).all()
