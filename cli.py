@@ -40,12 +40,14 @@ def main(verbose: bool):
     """caer-kit: context-aware emotion recognition from video, CLIP-CAER style.
 
     \b
+    Before:            index      a dataset folder as published -> the annotation CSV
     Stage one, once:   extract    clips -> per-frame CLIP features of face and context (a cache)
     Stage two, often:  train-head the temporal encoders, fusion and prompts, from the cache alone
     Full recipe:       finetune   end to end, image encoder unfrozen at lr 1e-5
     Results:           evaluate   UAR, WAR, per-class recall, confusion matrix
                        predict    labels for new clips, straight from video
-    Also:              info, import-official (the authors' weights), demo (offline, minutes)
+    Also:              info, import-official (the authors' weights), demo (offline, minutes),
+                       labels (the built-in label sets)
 
     Start with `python cli.py demo`.
     """

@@ -308,6 +308,16 @@ def test_out_is_never_overwritten_without_force_and_options_check_themselves(cae
         _index("dfew", caer_root, "--out", out, "--fold", "6"))
     assert "must end in .csv" in _one_error_line(_index("caer", caer_root, "--out", "a.txt"))
     assert "no such directory" in _one_error_line(_index("caer", tmp_path / "nope", "--out", out))
+    # A Python caller gets the same checks: the library function validates its config.
+    from pipeline.config import IndexConfig
+    from pipeline.datasets import index_dataset
+    from pipeline.errors import CaerError
+
+    with pytest.raises(CaerError, match="--split-from applies to the folders layout only"):
+        index_dataset(IndexConfig(layout="dfew", root=str(caer_root), out=str(out),
+                                  split_from="none"))
+    with pytest.raises(CaerError, match="LAYOUT must be one of caer, daisee, dfew, folders"):
+        index_dataset(IndexConfig(layout="kinetics", root=str(caer_root), out=str(out)))
 
 
 def test_index_help_documents_every_layout_with_an_example():

@@ -68,7 +68,14 @@ def is_video(path: Path) -> bool:
 
 def is_frame_folder(path: Path) -> bool:
     """A folder holding image files directly: one clip as frames."""
-    return path.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in entries(path))
+    if not path.is_dir():
+        return False
+    try:  # stops at the first image: DFEW has 16k folders of ~100 frames to check
+        with os.scandir(path) as scan:
+            return any(not e.name.startswith(".") and
+                       os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES for e in scan)
+    except OSError as err:
+        raise LayoutError(f"{path}: cannot list: {err.strerror or err}") from None
 
 
 def is_clip(path: Path) -> bool:
