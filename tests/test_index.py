@@ -356,15 +356,16 @@ def test_labels_lists_every_builtin_set_in_order_with_descriptors():
 
 
 def test_every_builtin_prompt_fits_the_text_context():
-    """[SOS] + 8 context vectors + descriptor + [EOT] within CLIP's 77 tokens, so no
-    descriptor is cut; the random: tokenizer is about as long-winded as CLIP's own."""
-    from pipeline.clip import byte_level_tokenizer
+    """[SOS] + 8 context vectors + descriptor + [EOT] within CLIP's 77 tokens with CLIP's own
+    vocabulary, so no descriptor is cut."""
+    from pipeline.tokenizer import clean_text, clip_tokenizer
 
-    tokenizer = byte_level_tokenizer(49408)
+    tokenizer = clip_tokenizer()
     for labels in BUILTIN.values():
         for c in labels.classes:
             for text in (c.descriptor, c.face_descriptor):
-                assert len(tokenizer(text)["input_ids"]) + 8 <= 77, (labels.name, text)
+                n = len(tokenizer(clean_text(text))["input_ids"])  # with SOS and EOT
+                assert n + 8 <= 77, (labels.name, n, text)
 
 
 # ---------------------------------------------------------------------------- end to end
