@@ -41,8 +41,8 @@ from common import environment, write_result  # noqa: E402  (benchmarks/common.p
 def one(args) -> dict:
     """Time one configuration in this process (called in a child process)."""
     from heads.model import CaerModel, HeadConfig
-    from heads.train import (_StepModel, _autocast, _enable_grad_checkpointing,
-                             _use_sample_dropout, sample_dropout)
+    from heads.train import (StepModel, autocast_for, enable_grad_checkpointing, sample_dropout,
+                             use_sample_dropout)
     from pipeline.clip import build_random_clip, cpu_has_native_bf16
     from pipeline.labels import RAER5
 
@@ -55,13 +55,13 @@ def one(args) -> dict:
     torch.manual_seed(0)
     model = CaerModel(HeadConfig(segments=args.segments), clip, RAER5)
     groups = model.param_groups(1e-2, 1e-3, 1e-5, lr_image_encoder=1e-5)
-    _use_sample_dropout(model)
+    use_sample_dropout(model)
     if checkpointing:
-        _enable_grad_checkpointing(model)
+        enable_grad_checkpointing(model)
     model.to(device)
     optimizer = torch.optim.SGD(groups, lr=1e-2, momentum=0.9, weight_decay=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    step_model = _StepModel(model, pixels=True).train()
+    step_model = StepModel(model, pixels=True).train()
     b, t, size = args.batch_size, args.segments, clip.image_size
     face, context = (torch.rand(b, t, 3, size, size, device=device) for _ in range(2))
     labels = (torch.arange(b) % len(RAER5)).to(device)
@@ -74,7 +74,7 @@ def one(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        with _autocast(device, precision), sample_dropout(model, 0, i, range(b)):
+        with autocast_for(device, precision), sample_dropout(model, 0, i, range(b)):
             loss = torch.nn.functional.cross_entropy(step_model(face, context).float(), labels)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

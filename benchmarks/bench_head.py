@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from cache import build_store_from_arrays  # noqa: E402
 from heads.model import CaerModel, HeadConfig  # noqa: E402
-from heads.train import _StepModel, _use_sample_dropout, sample_dropout  # noqa: E402
+from heads.train import StepModel, sample_dropout, use_sample_dropout  # noqa: E402
 from pipeline.clip import build_random_clip  # noqa: E402
 from pipeline.labels import RAER5  # noqa: E402
 
@@ -55,7 +55,7 @@ def time_steps(model, pixels: bool, face, context, labels, steps: int, warmup: i
                lr_image_encoder: float | None) -> list[float]:
     groups = model.param_groups(1e-2, 1e-3, 1e-5, lr_image_encoder)
     optimizer = torch.optim.SGD(groups, lr=1e-2, momentum=0.9, weight_decay=1e-4)
-    step_model = _StepModel(model, pixels).train()
+    step_model = StepModel(model, pixels).train()
     times = []
     for i in range(warmup + steps):
         start = time.perf_counter()
@@ -74,7 +74,7 @@ def per_epoch(args, device) -> dict:
     labels_set = RAER5
     torch.manual_seed(0)
     model = CaerModel(HeadConfig(segments=args.segments), clip, labels_set).to(device)
-    _use_sample_dropout(model)
+    use_sample_dropout(model)
     b, t = args.batch_size, args.segments
     labels = (torch.arange(b) % len(labels_set)).to(device)
     features = [torch.randn(b, t, clip.feature_dim, device=device) for _ in range(2)]

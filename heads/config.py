@@ -44,6 +44,10 @@ class TrainConfig:
     max_steps: int | None = field(default=None, metadata={
         "help": "Stop after this many optimizer steps (smoke tests, benchmarks)."})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda (auto: CUDA when present)."})
+    precision: str = field(default="auto", metadata={
+        "help": "auto | fp32 | bf16 | fp16: the training step's autocast (auto: bf16 on CUDA "
+                "when supported, else fp16; bf16 on CPUs with native bf16, else fp32).",
+        "choices": ("auto", "fp32", "bf16", "fp16")})
     resume: bool = field(default=False, metadata={
         "help": "Continue a killed run in --out from its last finished epoch."})
     quiet: bool = field(default=False, metadata={"help": "No progress bars."})
@@ -62,9 +66,6 @@ class FinetuneConfig(TrainConfig):
     init: str = field(default="none", metadata={
         "help": "A train-head (or finetune) run to start from, or none (train from scratch)."})
     lr_image_encoder: float = field(default=1e-5, metadata={"help": "SGD lr of the CLIP image encoder."})
-    precision: str = field(default="auto", metadata={
-        "help": "auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA when supported, else fp16; "
-                "bf16 on CPUs with native bf16, else fp32)."})
     grad_checkpointing: bool = field(default=False, metadata={
         "help": "Recompute the image encoder's activations in backward (less memory)."})
     accumulate: int = field(default=1, metadata={

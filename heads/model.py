@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from heads.text import TextTower
 from pipeline.clip import CLIP_MEAN, CLIP_STD, LoadedClip, _pooled
 from pipeline.errors import CaerError
 from pipeline.labels import LabelSet
@@ -216,6 +217,7 @@ class CaerModel(nn.Module):
             token_embeddings = text.embeddings.token_embedding(
                 prompt_token_ids.to(text.embeddings.token_embedding.weight.device))
         self.prompt_learner = PromptLearner(prompt_token_ids, token_embeddings, c.n_ctx, eos)
+        self.text_tower = TextTower(self.clip, self.prompt_learner)  # no parameters of its own
         self.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(CLIP_STD).view(3, 1, 1), persistent=False)
 
@@ -224,18 +226,28 @@ class CaerModel(nn.Module):
     def encode_text(self, truncate: bool = True) -> torch.Tensor:
         """L2-normalised text features ``[C, D]``, one per class.
 
-        With ``truncate`` the tower runs only up to the longest EOT: exact, because the
-        causal mask stops later positions from reaching any EOT.
+        With ``truncate`` the prompts run through heads/text.py's ``TextTower``: each cut at
+        its own EOT, the last layer for the EOT rows only, weights prepared once; exact,
+        because the causal mask stops later positions from reaching any EOT. Without it,
+        the plain transformers tower over the full context (``encode_text_reference``).
         """
+        if not truncate:
+            return self.encode_text_reference()
+        return F.normalize(self.text_tower(self.prompt_learner.ctx).float(), dim=-1)
+
+    def encode_text_reference(self, length: int | None = None) -> torch.Tensor:
+        """The same features from the transformers text tower run as it is, over the first
+        ``length`` positions (default: the full context): the reference the fast path is
+        tested and benchmarked against."""
         text = self.clip.text_model
         eot = self.prompt_learner.eot_positions
-        length = int(eot.max()) + 1 if truncate else self.prompt_learner.token_ids.shape[1]
+        length = self.prompt_learner.token_ids.shape[1] if length is None else length
         x = text.embeddings(inputs_embeds=self.prompt_learner(length))  # + position embeddings
         mask = causal_mask(text.config, x)
         x = text.encoder(inputs_embeds=x, attention_mask=mask, is_causal=True).last_hidden_state
         x = text.final_layer_norm(x)
         x = self.clip.text_projection(x[torch.arange(x.shape[0], device=x.device), eot])
-        return F.normalize(x, dim=-1)
+        return F.normalize(x.float(), dim=-1)
 
     # ---- video ---------------------------------------------------------------------------
 
@@ -251,7 +263,7 @@ class CaerModel(nn.Module):
             x = self.face_temporal(face)
         else:
             x = self.context_temporal(context)
-        return F.normalize(x, dim=-1)
+        return F.normalize(x.float(), dim=-1)
 
     def forward_features(self, face: torch.Tensor | None, context: torch.Tensor | None,
                          text_features: torch.Tensor | None = None) -> torch.Tensor:
@@ -262,7 +274,9 @@ class CaerModel(nn.Module):
         """
         video = self.encode_video(face, context)
         text = self.encode_text() if text_features is None else text_features
-        return self.config.logit_scale * video @ text.t()
+        # The cosines in fp32 whatever the autocast: x100 would scale bf16's rounding to 0.2.
+        with torch.autocast(video.device.type, enabled=False):
+            return self.config.logit_scale * video.float() @ text.float().t()
 
     forward = forward_features
 

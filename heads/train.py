@@ -40,7 +40,8 @@ CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
 # Options that may change when a run is resumed: they do not change what an epoch computes.
-RESUMABLE_CHANGES = ("epochs", "max_steps", "device", "workers", "quiet", "resume", "out")
+RESUMABLE_CHANGES = ("epochs", "max_steps", "device", "workers", "quiet", "resume", "out",
+                     "precision")  # as asked; what it resolved to (resolved_precision) must match
 
 
 def train_head(config: TrainConfig) -> dict:
@@ -120,11 +121,11 @@ def _check_options(config: TrainConfig, kind: str) -> None:
     for name in ("lr_temporal", "lr_prompt", "lr_fusion", "momentum", "weight_decay", "gamma"):
         if getattr(config, name) < 0 or not math.isfinite(getattr(config, name)):
             raise CaerError(f"--{name.replace('_', '-')} must be a finite number >= 0")
+    if config.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise CaerError(f"--precision {config.precision}: choose auto, fp32, bf16 or fp16")
+    if config.precision == "fp16" and not _want_cuda(config):
+        raise CaerError("--precision fp16 needs CUDA; on CPU use bf16 or fp32")
     if kind == "finetune":
-        if config.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise CaerError(f"--precision {config.precision}: choose auto, fp32, bf16 or fp16")
-        if config.precision == "fp16" and not _want_cuda(config):
-            raise CaerError("--precision fp16 needs CUDA; on CPU use bf16 or fp32")
         if config.accumulate < 1:
             raise CaerError("--accumulate must be at least 1")
         if config.lr_image_encoder < 0:
@@ -206,9 +207,11 @@ def fit(config: TrainConfig, kind: str, seed: int, run_dir: Path) -> dict:
 
     torch.manual_seed(seed)  # the head's initialisation
     model = _build_model(config, kind, store)
+    precision = resolve_precision(config.precision, device.type)
     options = _options(config, seed)
     options.update(n_ctx=model.config.n_ctx, temporal_layers=model.config.temporal_layers,
-                   streams=model.config.streams)  # finetune may take them from --init
+                   streams=model.config.streams,  # finetune may take them from --init
+                   resolved_precision=precision)  # what --resume must match, not "auto"
     checkpoint = _read_checkpoint(ckpt_dir) if config.resume else None
     if checkpoint is not None:
         old = checkpoint["cache_fingerprint"]
@@ -216,29 +219,33 @@ def fit(config: TrainConfig, kind: str, seed: int, run_dir: Path) -> dict:
         if keys:
             raise CaerError(f"--resume: the cache differs from the one {run_dir} was trained on: "
                             f"{describe_mismatch(old, fingerprint, keys)}")
-        # An option added after the run was made counts as its default there.
-        recorded = {**_options(type(config)(), seed), **checkpoint["options"]}
+        # An option added after the run was made counts as its default there; train-head
+        # ran in fp32 before it had --precision.
+        recorded = {**_options(type(config)(), seed),
+                    "resolved_precision": "fp32" if kind == "train-head" else precision,
+                    **checkpoint["options"]}
         changed = [k for k in options if k not in RESUMABLE_CHANGES
                    and json.dumps(options[k]) != json.dumps(recorded.get(k))]
         if changed:
             raise CaerError("--resume: options differ from the run's: " + "; ".join(
-                f"--{k.replace('_', '-')} (run {recorded.get(k)}, now {options[k]})"
+                f"--{k.replace('_', '-').replace('resolved-', '')} (run {recorded.get(k)}, "
+                f"now {options[k]})"
                 for k in changed))
     if rank == 0:
         log.info("%s seed %d -> %s: %s", kind, seed, run_dir, splits.describe())
+        log.info("precision %s: %s", precision, precision_reason(config.precision, precision, device))
 
     groups = model.param_groups(config.lr_temporal, config.lr_prompt, config.lr_fusion,
                                 config.lr_image_encoder if pixels else None)
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    _use_sample_dropout(model)
+    use_sample_dropout(model)
     if pixels and config.grad_checkpointing:
-        _enable_grad_checkpointing(model)
+        enable_grad_checkpointing(model)
     model.to(device)
     optimizer = torch.optim.SGD(groups, lr=config.lr_temporal, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.milestones),
                                                      config.gamma)
-    precision = resolve_precision(config.precision, device.type) if pixels else "fp32"
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     state = State()
     if checkpoint is not None:
@@ -248,7 +255,7 @@ def fit(config: TrainConfig, kind: str, seed: int, run_dir: Path) -> dict:
     elif rank == 0 and run_dir.exists() and config.resume:
         log.info("--resume: %s has no finished epoch yet; starting from epoch 1", run_dir)
 
-    step_model = _StepModel(model, pixels)
+    step_model = StepModel(model, pixels)
     if world > 1:
         step_model = nn.parallel.DistributedDataParallel(
             step_model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -394,7 +401,7 @@ def _train_epoch(step_model, model, loader, optimizer, scaler, config, seed, epo
             face, context, y = (t.to(device, non_blocking=True) for t in (face, context, y))
             sync = i == len(micro) - 1 or not isinstance(step_model, nn.parallel.DistributedDataParallel)
             with nullcontext() if sync else step_model.no_sync():
-                with _autocast(device, precision), sample_dropout(model, seed, epoch, rows):
+                with autocast_for(device, precision), sample_dropout(model, seed, epoch, rows):
                     logits = step_model(face, context)
                     loss = F.cross_entropy(logits.float(), y, reduction="sum")
                 scaler.scale(loss / clips_here).backward()
@@ -437,7 +444,7 @@ def _validate(model, store, bank, splits: Splits, pixels, device, precision, con
     if pixels:
         from heads.evaluate import predict_rows
 
-        with _autocast(device, precision):
+        with autocast_for(device, precision):
             probs = torch.from_numpy(predict_rows(model, store, splits.val, pixels=True,
                                                   batch_size=config.batch_size, device=device,
                                                   progress=not config.quiet))
@@ -468,7 +475,7 @@ def _feature_batch(bank: FeatureBank, positions, seed: int, epoch: int):
     return face, context, y, [int(bank.rows[p]) for p in positions]
 
 
-class _StepModel(nn.Module):
+class StepModel(nn.Module):
     """What DDP wraps: one forward from a batch to logits, from features or from pixels."""
 
     def __init__(self, model, pixels: bool):
@@ -503,7 +510,8 @@ class SampleDropout(nn.Dropout):
         return x * keep / (1 - self.p)
 
 
-def _use_sample_dropout(model: nn.Module) -> None:
+def use_sample_dropout(model: nn.Module) -> None:
+    """Replace every active nn.Dropout in ``model`` with a SampleDropout."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Dropout and child.p > 0:
@@ -566,7 +574,7 @@ def _build_model(config: TrainConfig, kind: str, store):
     return CaerModel(head, clip, store.labels, normalize=fp.get("normalize", "clip"))
 
 
-def _enable_grad_checkpointing(model) -> None:
+def enable_grad_checkpointing(model) -> None:
     """Checkpoint each layer of the CLIP image encoder (transformers' own mechanism)."""
     from functools import partial
 
@@ -575,6 +583,17 @@ def _enable_grad_checkpointing(model) -> None:
     for layer in model.clip.vision_model.encoder.layers:
         layer.gradient_checkpointing = True
         layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+
+
+def precision_reason(requested: str, precision: str, device: torch.device) -> str:
+    """Why ``resolve_precision`` chose ``precision``, for the log."""
+    if requested != "auto":
+        return f"--precision {requested}"
+    if device.type == "cuda":
+        return ("--precision auto on a GPU with bf16" if precision == "bf16" else
+                "--precision auto on a GPU without native bf16")
+    return ("--precision auto on a CPU with native bf16 (AVX512-BF16 or AMX)" if precision == "bf16"
+            else "--precision auto on a CPU without native bf16 (emulated bf16 is slower than fp32)")
 
 
 def _want_cuda(config) -> bool:
@@ -587,7 +606,8 @@ def _device(config) -> torch.device:
     return local_cuda_device()
 
 
-def _autocast(device: torch.device, precision: str):
+def autocast_for(device: torch.device, precision: str):
+    """The autocast of a training or validation step at a resolved precision."""
     if precision == "fp32":
         return nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
