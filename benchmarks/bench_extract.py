@@ -182,6 +182,10 @@ def main() -> None:
                         help="clip counts of the memory runs ('' for none)")
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--ks", default="1,4", help="--candidates values")
+    parser.add_argument("--breakdown-repeats", type=int, default=3,
+                        help="repeats of the per-clip stage breakdown (0: skip it)")
+    parser.add_argument("--breakdown-precision", default="auto",
+                        help="encoder precision of the breakdown (auto: extract's default)")
     args = parser.parse_args()
     if args.quick:
         args.clip, args.raer_clips, args.bf16_clips = "random:tiny", 1, 1
@@ -245,6 +249,21 @@ def main() -> None:
                                       "seconds": round(seconds, 2), "exit": status,
                                       "cache_bytes_per_clip": du(cache) // count})
             print(f"  memory {count} clips: {peak / 2**20:.0f} MiB peak", flush=True)
+        if args.breakdown_repeats:  # benchmarks/extract_breakdown.py
+            import extract_breakdown
+
+            h264 = extract_breakdown.h264_clip(work / "h264_1080p.mp4",
+                                               frames=25 if args.quick else 75,
+                                               size=(270, 480) if args.quick else (1080, 1920))
+            h264_kind = "h264 480x270 (quick)" if args.quick else "h264 1920x1080"
+            for kind, path in ((next(iter(kinds)), raer[0]), (h264_kind, h264)):
+                stages = extract_breakdown.stages(path, clip_spec=args.clip,
+                                                  precision=args.breakdown_precision,
+                                                  repeats=args.breakdown_repeats)
+                results.setdefault("breakdown", []).append(extract_breakdown.summarise(kind, stages))
+                print(f"  breakdown {kind}: " + ", ".join(
+                    f"{k} {1e3 * v:.0f} ms" for k, v in stages.items() if not k.startswith("_")),
+                    flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["load_after"] = os.getloadavg()[0]
@@ -262,10 +281,18 @@ def figures(results: dict) -> list[dict]:
                     "unit": "fraction", "goal": "<= 0.25", "met": r["overhead"] <= 0.25,
                     "note": f"{r['per_clip_s']} s/clip, {r['clips_per_s']} clips/s"})
         out.append({"name": f"{name}: clips/s", "value": r["clips_per_s"], "unit": "clips/s"})
+        out.append({"name": f"{name}: encoder share of per-clip time (in the pipeline)",
+                    "value": round(r["encode_in_pipeline_s"] / r["extract_s"], 3),
+                    "unit": "fraction", "goal": ">= 0.8",
+                    "met": r["encode_in_pipeline_s"] / r["extract_s"] >= 0.8})
     for r in results["runs"]:
         if r["precision"] == "fp32":
             out.append({"name": f"cache size per clip, {r['kind']} K={r['K']}",
                         "value": r["cache_bytes_per_clip"], "unit": "bytes"})
+    if results.get("breakdown"):
+        import extract_breakdown
+
+        out += extract_breakdown.figures(results["breakdown"])
     mem = results["memory"]
     if len(mem) >= 2:
         growth = mem[-1]["peak_rss_mb"] / mem[0]["peak_rss_mb"] - 1

@@ -1,0 +1,277 @@
+"""extract's per-clip time split into its stages (bench_extract.py, part "breakdown").
+
+Each stage runs alone, in this process, on one RAER-like clip with extract's default options
+(16 segments, K=1, no flip, BlazeFace full range, squash face crops, batch 64, --precision
+auto), through the pipeline's public functions:
+
+  probe       pipeline.video.probe_clip
+  decode      JPEG: PIL decoding to YCbCr (the image's own colour space), EXIF transpose;
+              H.264: PyAV decoding straight through to the last kept frame
+  colour      JPEG: YCbCr -> RGB; H.264: frame.to_ndarray("rgb24") (swscale), kept frames only
+  detection   pipeline.faces.FaceDetector.detect, once per kept frame
+  face crop   pipeline.crops.face_crop (the box grown by 20 px, bicubic to 224x224)
+  letterbox   pipeline.crops.letterbox (the whole frame to 224x224)
+  queueing    the worker's result (4.8 MB of crops) sent to another process over a real pipe
+              and back, halved: pickling, the copy through the kernel, unpickling
+  encoding    pipeline.extract.BatchEncoder, batches of 64 = two clips' 32 crops, per clip
+  writing     cache.StoreWriter.write_clip of the clip's features into a fresh store
+
+"decode + colour" is checked against pipeline.video.read_frames, and the CPU stages against
+pipeline.prepare.prepare_clip (what a worker runs), both timed whole. Medians of --repeats.
+The CPU side is everything but encoding: what a GPU machine still does on its cores.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+# Published throughput of CLIP ViT-B/32's image tower (quick-GELU, as OpenAI's), AMP, batch
+# 1024, RTX 4090: timm's results/benchmark-infer-amp-nchw-pt240-cu124-rtx4090.csv, row
+# vit_base_patch32_clip_quickgelu_224. No H100 row is published there; an H100 is faster (dense
+# bf16 tensor peak 989 TFLOPS SXM against the 4090's 165 with fp32 accumulation), so this is a
+# floor for it.
+PUBLISHED_ENCODER_IMAGES_PER_S = 8389.12
+PUBLISHED_ENCODER_SOURCE = ("timm results/benchmark-infer-amp-nchw-pt240-cu124-rtx4090.csv, "
+                            "vit_base_patch32_clip_quickgelu_224 (RTX 4090, AMP, batch 1024)")
+PROJECTED_CORES = 16
+CPU_STAGES = ("probe", "decode", "colour", "detection", "face crop", "letterbox", "queueing",
+              "writing")
+
+
+def h264_clip(path: Path, frames: int = 75, size=(1080, 1920)) -> Path:
+    """A 1080p H.264 clip (libx264, yuv420p, 25 fps) of the astronaut photo moving over a
+    noisy background, as raer_like_clips draws its JPEG frames."""
+    import av
+    from PIL import Image
+    from skimage import data
+
+    h, w = size
+    side = int(h * 0.37)
+    face = np.asarray(Image.fromarray(data.astronaut()).resize((side, side)))
+    rng = np.random.default_rng(0)
+    background = np.kron(rng.integers(0, 255, (h // 16, w // 16, 3), dtype=np.uint8),
+                         np.ones((16, 16, 1), np.uint8))
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for i in range(frames):
+            frame = background.copy()
+            y, x = int(h * 0.28) + i * h // 1500, int(w * 0.36) + i * w // 1000
+            frame[y:y + side, x:x + side] = face
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def _decode_split(path: Path, info, wanted: list[int]) -> tuple[float, float, dict]:
+    """(decode s, colour s, {number: rgb}) of the kept frames."""
+    if info.kind == "frames":
+        from PIL import Image, ImageOps
+
+        decode = colour = 0.0
+        out = {}
+        for i in wanted:
+            t0 = time.perf_counter()
+            with Image.open(path / info.files[i]) as img:
+                img.draft("YCbCr", img.size)  # decode without libjpeg's colour conversion
+                img = ImageOps.exif_transpose(img)
+                img.load()
+            t1 = time.perf_counter()
+            out[i] = np.asarray(img.convert("RGB"))
+            decode, colour = decode + t1 - t0, colour + time.perf_counter() - t1
+        return decode, colour, out
+    import av
+
+    decode = colour = 0.0
+    out, wanted_set = {}, set(wanted)
+    with av.open(str(path)) as container:
+        frames = container.decode(container.streams.video[0])
+        for number in range(max(wanted) + 1):
+            t0 = time.perf_counter()
+            frame = next(frames)
+            t1 = time.perf_counter()
+            decode += t1 - t0
+            if number in wanted_set:
+                out[number] = frame.to_ndarray(format="rgb24")
+                colour += time.perf_counter() - t1
+    return decode, colour, out
+
+
+def _echo(conn) -> None:
+    while True:
+        payload = conn.recv()
+        if payload is None:
+            return
+        conn.send(payload)
+
+
+def _pipe_seconds(payload, repeats: int) -> float:
+    """Median one-way seconds of ``payload`` between two processes (a round trip, halved)."""
+    parent, child = multiprocessing.get_context("spawn").Pipe()
+    process = multiprocessing.get_context("spawn").Process(target=_echo, args=(child,))
+    process.start()
+    try:
+        times = []
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            parent.send(payload)
+            parent.recv()
+            if i:
+                times.append((time.perf_counter() - t0) / 2)
+        parent.send(None)
+    finally:
+        process.join(10)
+    return statistics.median(times)
+
+
+def stages(clip_path: Path, *, clip_spec: str, precision: str, repeats: int) -> dict:
+    """Median seconds per clip of each stage, and the whole-worker and read_frames checks."""
+    from cache import ClipResult, ClipRow, StoreWriter, make_fingerprint
+    from cache.store import create_zarr
+    from pipeline.clip import load_clip, resolve_precision
+    from pipeline.config import ExtractConfig
+    from pipeline.crops import face_crop, letterbox
+    from pipeline.extract import BatchEncoder
+    from pipeline.faces import FaceDetector
+    from pipeline.labels import load_label_set
+    from pipeline.prepare import prepare_clip
+    from pipeline.video import probe_clip, read_frames, sample_indices
+
+    cfg = ExtractConfig()
+    precision = resolve_precision(cfg.precision if precision == "auto" else precision, "cpu")
+    times: dict[str, list[float]] = {}
+
+    def record(name, seconds):
+        times.setdefault(name, []).append(seconds)
+
+    detector = FaceDetector(cfg.face_model, cfg.min_face_score)
+    detector.detect(np.zeros((64, 64, 3), np.uint8))  # the model loads on the first call
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        info = probe_clip(clip_path)
+        record("probe", time.perf_counter() - t0)
+        indices = sample_indices(info.n_frames, cfg.segments, cfg.candidates)
+        wanted = sorted({int(i) for i in indices.reshape(-1)})
+        decode, colour, frames = _decode_split(Path(clip_path), info, wanted)
+        record("decode", decode)
+        record("colour", colour)
+        t0 = time.perf_counter()
+        read_frames(clip_path, indices, info)
+        record("decode + colour, as read_frames", time.perf_counter() - t0)
+        boxes, seconds = {}, 0.0
+        for number in wanted:
+            t0 = time.perf_counter()
+            boxes[number] = detector.detect(np.ascontiguousarray(frames[number][:, :, :3])).box
+            seconds += time.perf_counter() - t0
+        record("detection", seconds)
+        face_s = context_s = 0.0
+        for number in wanted:
+            t0 = time.perf_counter()
+            face_crop(frames[number], boxes[number], cfg.face_margin, 224, cfg.face_resize)
+            t1 = time.perf_counter()
+            letterbox(frames[number], 224)
+            face_s, context_s = face_s + t1 - t0, context_s + time.perf_counter() - t1
+        record("face crop", face_s)
+        record("letterbox", context_s)
+    detector.close()
+    task = {"index": 0, "path": str(clip_path), "segments": cfg.segments,
+            "candidates": cfg.candidates, "listed_frames": -1, "boxes": None,
+            "face_model": cfg.face_model, "min_face_score": cfg.min_face_score,
+            "image_size": 224, "face_margin": cfg.face_margin, "face_resize": cfg.face_resize}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = prepare_clip(task)
+        record("worker total, as prepare_clip", time.perf_counter() - t0)
+    if result["status"] != "ok":
+        raise RuntimeError(f"prepare_clip failed on {clip_path}: {result.get('reason')}")
+    times["queueing"] = [_pipe_seconds(result, repeats)]
+
+    clip = load_clip(clip_spec)
+    images = np.concatenate([result["face"].reshape(-1, 224, 224, 3),
+                             result["context"].reshape(-1, 224, 224, 3)])
+    encoder = BatchEncoder(clip, cfg.batch_size, cfg.normalize, "cpu", precision)
+    per_batch = max(1, cfg.batch_size // len(images))  # clips in one encoder batch
+    for i in range(repeats + 1):
+        for _ in range(per_batch):
+            encoder.add({"result": result, "images": images,
+                         "features": np.empty((len(images), clip.feature_dim), np.float16)})
+        t0 = time.perf_counter()
+        done = encoder.run(final=True)
+        if i:  # the first batch warms up
+            record("encoding", (time.perf_counter() - t0) / len(done))
+
+    fp = make_fingerprint(clip_spec=clip_spec, clip_revision=clip.revision,
+                          feature_dim=clip.feature_dim, image_size=224, segments=cfg.segments,
+                          candidates=cfg.candidates, flip=cfg.flip, pixels=cfg.pixels,
+                          normalize=cfg.normalize, face_model=cfg.face_model,
+                          face_margin=cfg.face_margin, min_face_score=cfg.min_face_score,
+                          face_resize=cfg.face_resize, face_boxes=None,
+                          labels=load_label_set(cfg.labels))
+    features = np.zeros((cfg.segments, cfg.candidates, clip.feature_dim), np.float16)
+    clip_result = ClipResult("ok", n_frames=result["n_frames"], fps=result["fps"],
+                             width=result["width"], height=result["height"],
+                             frame_index=result["frame_index"], box=result["box"],
+                             score=result["score"], found=result["found"],
+                             features={"face": features, "context": features})
+    with tempfile.TemporaryDirectory(prefix="breakdown_store_") as directory:
+        store = Path(directory) / "s.zarr"
+        create_zarr(store, fp, [ClipRow(f"c{i}", f"c{i}", 0, "train") for i in range(repeats)], [])
+        writer = StoreWriter(store)
+        for i in range(repeats):
+            t0 = time.perf_counter()
+            writer.write_clip(i, clip_result)
+            record("writing", time.perf_counter() - t0)
+        writer.close()
+    median = {name: statistics.median(v) for name, v in times.items()}
+    median["_precision"] = precision
+    return median
+
+
+def summarise(kind: str, s: dict) -> dict:
+    """Shares, the CPU side's clips/s per core, and the paper projection."""
+    cpu = sum(s[name] for name in CPU_STAGES)
+    total = cpu + s["encoding"]
+    per_core = 1 / cpu
+    cpu_16 = PROJECTED_CORES * per_core
+    encoder_clips = PUBLISHED_ENCODER_IMAGES_PER_S / 32  # 16 face + 16 context crops a clip
+    return {"kind": kind, "precision": s["_precision"],
+            "stages_s": {k: round(v, 5) for k, v in s.items() if not k.startswith("_")},
+            "cpu_side_s": round(cpu, 4), "encoder_share_serial": round(s["encoding"] / total, 3),
+            "cpu_side_clips_per_s_per_core": round(per_core, 3),
+            "projection": {"cores": PROJECTED_CORES,
+                           "cpu_side_clips_per_s": round(cpu_16, 1),
+                           "encoder_clips_per_s_published_floor": round(encoder_clips, 1),
+                           "encoder_source": PUBLISHED_ENCODER_SOURCE,
+                           "bottleneck": "CPU side" if cpu_16 < encoder_clips else "encoder",
+                           "encoder_busy_fraction": round(min(1.0, cpu_16 / encoder_clips), 3)}}
+
+
+def figures(breakdowns: list[dict]) -> list[dict]:
+    out = []
+    for b in breakdowns:
+        name = f"extract breakdown, {b['kind']}, {b['precision']}"
+        for stage in CPU_STAGES[:6] + ("queueing", "encoding", "writing"):
+            out.append({"name": f"{name}: {stage}", "value": round(b["stages_s"][stage] * 1e3, 1),
+                        "unit": "ms/clip"})
+        out.append({"name": f"{name}: encoder share of the serial per-clip time",
+                    "value": b["encoder_share_serial"], "unit": "fraction", "goal": ">= 0.8",
+                    "met": b["encoder_share_serial"] >= 0.8})
+        p = b["projection"]
+        out.append({"name": f"{name}: CPU side clips/s per core", "unit": "clips/s",
+                    "value": b["cpu_side_clips_per_s_per_core"]})
+        out.append({"name": f"{name}: PROJECTION, {p['cores']} cores + H100: CPU side clips/s "
+                            f"(encoder >= {p['encoder_clips_per_s_published_floor']} clips/s "
+                            f"published)", "unit": "clips/s", "value": p["cpu_side_clips_per_s"],
+                    "note": f"paper projection: {p['cores']} x the per-core rate measured here; "
+                            f"encoder from {p['encoder_source']}, a floor for an H100; the "
+                            f"{p['bottleneck']} sets the throughput, the encoder busy "
+                            f"{100 * p['encoder_busy_fraction']:.0f}% of the time"})
+    return out
