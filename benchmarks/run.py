@@ -57,6 +57,10 @@ BENCHMARKS = (
     Benchmark("head", "bench_head.py",
               "train-head: epoch time against an end-to-end epoch; a 20-epoch RAER-sized run",
               quick_args=("--quick",), takes_device=True),
+    Benchmark("head-step", "bench_head_step.py",
+              "train-head step against a plain fp32 text tower forward+backward; each text "
+              "tower saving; bf16; torch.compile; the 20-epoch projection",
+              quick_args=("--quick",)),
     Benchmark("finetune", "bench_finetune.py",
               "finetune: end-to-end step time and memory",
               quick_args=("--quick",), takes_device=True),

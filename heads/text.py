@@ -34,6 +34,7 @@ class TowerOptions:
     last_layer_eot_only: bool = True
     fused_qkv: bool = True  # one [3W, W] product instead of three [W, W] ones
     prepare_once: bool = True  # off: rebuild indices, mask, embeddings and weights every call
+    compile: bool = False  # torch.compile the layers (measured: benchmarks/bench_head_step.py)
 
 
 @dataclass
@@ -76,6 +77,7 @@ class TextTower:
         buffers): its ``token_embeddings``, ``eot_positions`` and ``n_ctx``."""
         self.clip_model, self.prompts, self.options = clip_model, prompts, options
         self._prepared: _Prepared | None = None
+        self._compiled = None
 
     # ---- preparation ---------------------------------------------------------------------
 
@@ -152,29 +154,40 @@ class TextTower:
                  else ctx.dtype)
         p = self.prepared(device, dtype)
         with torch.autocast(device.type, enabled=False):
-            x = p.base.index_put((p.ctx_rows,), ctx.to(dtype).reshape(-1, ctx.shape[-1]) + p.ctx_positions)
-            last = len(p.layers) - 1
-            for i, layer in enumerate(p.layers):
-                if i == last and self.options.last_layer_eot_only:
-                    x = self._eot_layer(x, layer, p)
-                else:
-                    x = self._layer(x, layer, p)
-            if not self.options.last_layer_eot_only:
-                x = x[p.eot_rows]
-            x = F.layer_norm(x, x.shape[-1:], *p.final_ln)
-            return x @ p.projection.t()
+            if self.options.compile:
+                if self._compiled is None:
+                    self._compiled = torch.compile(self._encode, dynamic=False)
+                return self._compiled(p, ctx.to(dtype))
+            return self._encode(p, ctx.to(dtype))
 
-    def _qkv(self, h: torch.Tensor, layer: _Layer) -> tuple[torch.Tensor, ...]:
+    def _encode(self, p: _Prepared, ctx: torch.Tensor) -> torch.Tensor:
+        x = p.base.index_put((p.ctx_rows,), ctx.reshape(-1, ctx.shape[-1]) + p.ctx_positions)
+        last = len(p.layers) - 1
+        for i, layer in enumerate(p.layers):
+            if i == last and self.options.last_layer_eot_only:
+                x = self._eot_layer(x, layer, p)
+            else:
+                x = self._layer(x, layer, p)
+        if not self.options.last_layer_eot_only:
+            x = x[p.eot_rows]
+        x = F.layer_norm(x, x.shape[-1:], *p.final_ln)
+        return x @ p.projection.t()
+
+    def _qkv(self, h: torch.Tensor, layer: _Layer, p: _Prepared) -> tuple[torch.Tensor, ...]:
+        """q, k, v as per-prompt blocks ``[C, H, Lmax, W / H]``; fused: one gather for all."""
         if self.options.fused_qkv:
-            return F.linear(h, *layer.qkv).chunk(3, dim=-1)
+            return self._heads(F.linear(h, *layer.qkv), p, 3)
         (wq, wk, wv), (bq, bk, bv) = layer.qkv
-        return F.linear(h, wq, bq), F.linear(h, wk, bk), F.linear(h, wv, bv)
+        return tuple(self._heads(F.linear(h, w, b), p, 1)[0]
+                     for w, b in ((wq, bq), (wk, bk), (wv, bv)))
 
-    def _heads(self, t: torch.Tensor, p: _Prepared) -> torch.Tensor:
-        """Packed ``[N, W]`` -> per-prompt blocks ``[C, H, Lmax, W / H]``."""
+    def _heads(self, t: torch.Tensor, p: _Prepared, parts: int) -> torch.Tensor:
+        """Packed ``[N, parts * W]`` -> ``[parts, C, H, Lmax, W / H]``."""
         heads = self.clip_model.text_model.config.num_attention_heads
         c, n = p.to_block.shape
-        return t[p.to_block].view(c, n, heads, -1).transpose(1, 2)
+        # index_select: its backward is an index_add, cheaper than advanced indexing's
+        block = t.index_select(0, p.to_block.reshape(-1))
+        return block.view(c, n, parts, heads, -1).permute(2, 0, 3, 1, 4)
 
     def _attend(self, q, k, v, mask) -> torch.Tensor:
         scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + mask
@@ -182,9 +195,9 @@ class TextTower:
 
     def _layer(self, x: torch.Tensor, layer: _Layer, p: _Prepared) -> torch.Tensor:
         h = F.layer_norm(x, x.shape[-1:], *layer.ln1)
-        q, k, v = (self._heads(t, p) for t in self._qkv(h, layer))
+        q, k, v = self._qkv(h, layer, p)
         a = self._attend(q, k, v, p.mask)  # [C, H, Lmax, dh]
-        a = a.transpose(1, 2).reshape(-1, x.shape[-1])[p.from_block]
+        a = a.transpose(1, 2).reshape(-1, x.shape[-1]).index_select(0, p.from_block)
         x = x + F.linear(a, *layer.out)
         return x + self._mlp(x, layer)
 
@@ -192,17 +205,19 @@ class TextTower:
         """The last layer for the EOT rows only: ``[N, W]`` -> ``[C, W]``."""
         h = F.layer_norm(x, x.shape[-1:], *layer.ln1)
         width = x.shape[-1]
+        rows = h.index_select(0, p.eot_rows)
         if self.options.fused_qkv:  # queries of the EOT rows, keys and values of all
-            (w, b), rows = layer.qkv, h[p.eot_rows]
+            w, b = layer.qkv
             q = F.linear(rows, w[:width], b[:width])
-            k, v = F.linear(h, w[width:], b[width:]).chunk(2, dim=-1)
+            k, v = self._heads(F.linear(h, w[width:], b[width:]), p, 2)
         else:
             (wq, wk, wv), (bq, bk, bv) = layer.qkv
-            q, k, v = F.linear(h[p.eot_rows], wq, bq), F.linear(h, wk, bk), F.linear(h, wv, bv)
+            q = F.linear(rows, wq, bq)
+            k, v = (self._heads(F.linear(h, w, b), p, 1)[0] for w, b in ((wk, bk), (wv, bv)))
         heads = self.clip_model.text_model.config.num_attention_heads
         q = q.view(len(p.eot_rows), 1, heads, -1).transpose(1, 2)  # [C, H, 1, dh]
-        a = self._attend(q, self._heads(k, p), self._heads(v, p), p.eot_mask)
-        x = x[p.eot_rows] + F.linear(a.reshape(len(p.eot_rows), -1), *layer.out)
+        a = self._attend(q, k, v, p.eot_mask)
+        x = x.index_select(0, p.eot_rows) + F.linear(a.reshape(len(p.eot_rows), -1), *layer.out)
         return x + self._mlp(x, layer)
 
     @staticmethod
