@@ -113,9 +113,29 @@ def extract(**options):
     Runs again with the same options resume; with more --annotations they append.
     Under `torchrun --nproc-per-node N cli.py extract ...` every rank does its share.
     Exit status: 0 every clip ok, 3 some clips failed (see `info`), 2 unusable input.
+
+    \b
+    --preset original sets every preprocessing choice of the original code:
+      --frame-order string       frame files sorted as strings ("10.jpg" before "2.jpg")
+      --frame-count list         frame positions from the list file's frame count
+      --frame-sampling original  its training frames (--split train), else its test frame
+      --frame-decode original    PIL, no EXIF rotation
+      --face-crop original       int() box + 20 px margin, PIL crop, PIL bilinear to 224
+      --context body             the body box (--body-boxes FILE, else a person detector)
+      --context-resize original  OpenCV's resize to fit 224, the original's padding
+      --normalize none           [0, 1] pixels without CLIP's mean/std
+    An option given as well wins over the preset.
+
+    \b
     Example:
       python cli.py extract --annotations train.txt --split train --root RAER/ \\
           --cache raer.zarr
+    \b
+    The original's inputs, for the authors' weights (the release's box files as they are):
+      python cli.py extract --annotations RAER/test.txt --split test --root RAER/ \\
+          --clip runs/official/clip --preset original \\
+          --face-boxes face_detection_result.json \\
+          --body-boxes body_detection_result.json --cache raer-official.zarr
     """
     from pipeline.extract import run_extract, summary_lines
 
@@ -291,12 +311,14 @@ def import_official(checkpoint, out, labels, force):
     Reads the pickle without executing anything from it: tensors and plain containers are
     rebuilt, other objects become inert placeholders, and a pickle that asks for anything able
     to run code (os.system, eval, subprocess, ...) is refused with exit status 2.
-    The run records the original's preprocessing (pixels in [0, 1] without CLIP's mean/std,
-    squashed face crops), so its cache needs --normalize none and the run's own CLIP.
+    The run records the original's preprocessing, so its cache needs --preset original, the
+    release's box files and the run's own CLIP.
     Example:
       python cli.py import-official model_best.pth --out runs/official
       python cli.py extract --annotations test.txt --split test --root RAER/ \\
-          --clip runs/official/clip --normalize none --face-resize squash --cache raer-official.zarr
+          --clip runs/official/clip --preset original \\
+          --face-boxes face_detection_result.json \\
+          --body-boxes body_detection_result.json --cache raer-official.zarr
       python cli.py evaluate --run runs/official --cache raer-official.zarr --split test
     """
     from heads.official import import_official as run_import

@@ -16,6 +16,7 @@ def store_info(path) -> dict:
                   for name, (shape, dtype) in store.arrays().items()}
         fingerprint = store.fingerprint
         backend = store.backend
+        boxes = box_counts(store)
     ok = (manifest.status == "ok").to_numpy()
     rates = found.reshape(len(found), -1).mean(axis=1) if len(found) else np.zeros(0)
     clips = []
@@ -31,8 +32,51 @@ def store_info(path) -> dict:
             "n_ok": int(ok.sum()), "n_failed": len(failures),
             "n_pending": int((manifest.status == "pending").sum()),
             "face_rate": None if overall is None else round(overall, 4),
-            "failures": failures, "clips": clips, "fingerprint": fingerprint,
+            "boxes": boxes, "failures": failures, "clips": clips, "fingerprint": fingerprint,
             "arrays": arrays}
+
+
+def box_counts(store) -> dict | None:
+    """What the boxes left out, over the ok clips (None when the store used no face box file
+    and no body boxes): ``face`` counts clips none of whose kept frames has a box in the
+    ``--face-boxes`` file and distinct kept frames without one; ``body`` counts clips without
+    a body box (from ``--body-boxes`` or the person detector)."""
+    fp = store.fingerprint
+    if not fp.get("face_boxes") and store.body_boxes is None:
+        return None
+    ok = np.flatnonzero(store.status == 1)
+    out = {"clips": int(len(ok))}
+    if fp.get("face_boxes"):
+        found = store.face_found[ok] if len(ok) else np.zeros((0, 1, 1), bool)
+        index = store.frame_indices[ok] if len(ok) else np.zeros((0, 1, 1), np.int32)
+        frames = without = clips_without = 0
+        for f, i in zip(found.reshape(len(ok), -1), index.reshape(len(ok), -1)):
+            first = np.unique(i, return_index=True)[1]
+            frames += len(first)
+            without += int((~f[first]).sum())
+            clips_without += int(not f.any())
+        out["face"] = {"clips_without": clips_without, "frames": frames,
+                       "frames_without": without}
+    body = store.body_boxes
+    if body is not None:
+        boxes = body[ok] if len(ok) else np.zeros((0, 4), np.float32)
+        out["body"] = {"clips_without": int(np.isnan(boxes).any(axis=1).sum())}
+    return out
+
+
+def box_count_lines(counts: dict | None) -> list[str]:
+    if not counts:
+        return []
+    lines = []
+    if "face" in counts:
+        c = counts["face"]
+        lines.append(f"face boxes: {c['clips_without']} of {counts['clips']} ok clips have no "
+                     f"box in any kept frame; {c['frames_without']} of {c['frames']} kept "
+                     f"frames have none (their face crop is the whole frame)")
+    if "body" in counts:
+        lines.append(f"body boxes: {counts['body']['clips_without']} of {counts['clips']} ok "
+                     f"clips have none (their context is the whole frame)")
+    return lines
 
 
 def info_text(data: dict, show_all: bool = False, lowest: int = 10) -> str:
@@ -41,6 +85,7 @@ def info_text(data: dict, show_all: bool = False, lowest: int = 10) -> str:
              f"{data['n_failed']} failed, {data['n_pending']} pending"]
     if data["face_rate"] is not None:
         lines.append(f"face found in {100 * data['face_rate']:.1f}% of kept frames of ok clips")
+    lines += box_count_lines(data.get("boxes"))
     splits: dict[str, int] = {}
     for clip in data["clips"]:
         splits[clip["split"] or "(none)"] = splits.get(clip["split"] or "(none)", 0) + 1

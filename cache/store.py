@@ -72,16 +72,36 @@ FINGERPRINT_OPTIONS = {
     "face_resize": "--face-resize",
     "face_boxes": "--face-boxes",
     "labels": "--labels",
+    "frame_order": "--frame-order",
+    "frame_count": "--frame-count",
+    "frame_sampling": "--frame-sampling",
+    "frame_decode": "--frame-decode",
+    "face_crop": "--face-crop",
+    "context": "--context",
+    "body_boxes": "--body-boxes",
+    "context_resize": "--context-resize",
 }
+
+# The preprocessing choices added after format 1 was fixed, with the value a store that does
+# not record them was built with (caer-kit's own preprocessing then).
+FINGERPRINT_DEFAULTS = {"frame_order": "natural", "frame_count": "disk",
+                        "frame_sampling": "caer", "frame_decode": "caer", "face_crop": "caer",
+                        "context": "full", "body_boxes": None, "context_resize": "caer"}
 
 
 def make_fingerprint(*, clip_spec: str, clip_revision: str, feature_dim: int, image_size: int,
                      segments: int, candidates: int, flip: bool, pixels: bool, normalize: str,
                      face_model: str, face_margin: int, min_face_score: float,
-                     face_resize: str, face_boxes: str | None, labels: dict | LabelSet) -> dict:
-    """Everything that changes a stored value. ``face_boxes`` is the boxes file's sha256."""
+                     face_resize: str, face_boxes: str | None, labels: dict | LabelSet,
+                     **choices) -> dict:
+    """Everything that changes a stored value. ``face_boxes`` is the boxes file's sha256;
+    ``choices`` are the preprocessing choices of FINGERPRINT_DEFAULTS (``body_boxes``: the
+    body box file's sha256, or ``"detector"``), defaulting to caer-kit's own."""
     if isinstance(labels, LabelSet):
         labels = labels.as_dict()
+    unknown = set(choices) - set(FINGERPRINT_DEFAULTS)
+    if unknown:
+        raise TypeError(f"make_fingerprint: unknown keys {sorted(unknown)}")
     return {
         "format_version": FORMAT_VERSION,
         "clip_spec": str(clip_spec),
@@ -99,6 +119,7 @@ def make_fingerprint(*, clip_spec: str, clip_revision: str, feature_dim: int, im
         "face_resize": str(face_resize),
         "face_boxes": face_boxes,
         "labels": labels,
+        **{k: choices.get(k, v) for k, v in FINGERPRINT_DEFAULTS.items()},
     }
 
 
@@ -106,7 +127,8 @@ def fingerprint_mismatch(stored: dict, wanted: dict) -> list[str]:
     """Keys whose values differ. ``clip_spec`` alone is not compared: the same weights
     under another path or name (``clip_revision``) give the same features."""
     keys = sorted((set(stored) | set(wanted)) - {"clip_spec"})
-    return [k for k in keys if _canonical(stored.get(k)) != _canonical(wanted.get(k))]
+    return [k for k in keys if _canonical(stored.get(k, FINGERPRINT_DEFAULTS.get(k)))
+            != _canonical(wanted.get(k, FINGERPRINT_DEFAULTS.get(k)))]
 
 
 def describe_mismatch(stored: dict, wanted: dict, keys: list[str]) -> str:
@@ -120,7 +142,7 @@ def describe_mismatch(stored: dict, wanted: dict, keys: list[str]) -> str:
 
 
 def _short(key: str, fp: dict) -> str:
-    value = fp.get(key)
+    value = fp.get(key, FINGERPRINT_DEFAULTS.get(key))
     if key == "labels" and isinstance(value, dict):
         return str(value.get("name"))
     if key in ("clip_revision", "feature_dim", "image_size"):
@@ -164,6 +186,8 @@ def array_specs(fp: dict) -> dict[str, ArraySpec]:
         "faces/score": ArraySpec((s, k), "float32", 0.0, True),
         "faces/found": ArraySpec((s, k), "bool", False, True),
     }
+    if fp.get("context") == "body":
+        specs["body/box"] = ArraySpec((4,), "float32", math.nan, True)
     views = ["face", "context"] + (["face_flip", "context_flip"] if fp["flip"] else [])
     for view in views:
         specs[f"features/{view}"] = ArraySpec((s, k, d), "float16", 0.0, True)
@@ -200,6 +224,7 @@ class ClipResult:
     box: np.ndarray | None = None  # float [S, K, 4], NaN where no face
     score: np.ndarray | None = None  # float [S, K]
     found: np.ndarray | None = None  # bool [S, K]
+    body_box: np.ndarray | None = None  # float [4], NaN: no body box (context "body" only)
     features: dict = field(default_factory=dict)  # "face", "context", ("face_flip", ...)
     pixels: dict = field(default_factory=dict)  # "face", "context": uint8 [S, K, 3, H, W]
 
@@ -306,6 +331,12 @@ class FeatureStore:
     @property
     def face_found(self) -> StoredArray:
         return self.array("faces/found")
+
+    @property
+    def body_boxes(self) -> StoredArray | None:
+        """float32 ``[N, 4]`` each clip's body box (NaN: none, the whole frame), or None for a
+        store whose context is the whole frame."""
+        return self.array("body/box") if "body/box" in self._specs else None
 
     def arrays(self) -> dict[str, tuple[tuple, str]]:
         """name -> (shape, dtype) of every array, for ``info``."""
@@ -507,6 +538,9 @@ class StoreWriter(FeatureStore):
             r["faces/box"][i] = result.box
             r["faces/score"][i] = result.score
             r["faces/found"][i] = result.found
+            if "body/box" in self._specs:
+                r["body/box"][i] = (np.full(4, np.nan, np.float32) if result.body_box is None
+                                    else result.body_box)
             for view, value in result.features.items():
                 r[f"features/{view}"][i] = np.asarray(value, dtype=np.float16)
             for stream, value in result.pixels.items():

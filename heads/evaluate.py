@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from cache import fingerprint_mismatch, open_store
-from cache.store import FINGERPRINT_OPTIONS
+from cache.store import FINGERPRINT_DEFAULTS, FINGERPRINT_OPTIONS
 from heads.metrics import Report, compute_grouped, compute_report, format_table, plot_confusion
 from pipeline import __version__
 from pipeline.errors import CaerError
@@ -87,7 +87,7 @@ def check_cache(run_config: dict, run_dir: str | Path, fingerprint: dict, cache:
     """Raise CaerError naming every mismatch and the extract command for a matching cache;
     log a warning for differences that only shift the data."""
     wanted = required_fingerprint(run_config)
-    stored = {k: fingerprint.get(k) for k in wanted}
+    stored = {k: fingerprint.get(k, FINGERPRINT_DEFAULTS.get(k)) for k in wanted}
     if "labels" in wanted:  # descriptors may differ (the run keeps its own); classes may not
         stored["labels"] = _class_names(stored["labels"])
     keys = fingerprint_mismatch(stored, wanted)
@@ -154,12 +154,30 @@ def extract_command(run_config: dict, run_dir: str | Path, split: str = "test") 
         builtin = BUILTIN.get(str(labels.get("name")))
         args += ["--labels", labels["name"] if builtin and builtin.as_dict() == labels
                  else "LABELS.yaml"]
-    for key in ("segments", "normalize", "face_resize", "face_margin", "face_model",
-                "min_face_score"):
+    from pipeline.config import PRESETS
+
+    preset = PRESETS["original"]
+    keys = ["segments", "normalize", "face_resize", "face_margin", "face_model",
+            "min_face_score"]
+    if all(fp.get(k) == v for k, v in preset.items()):
+        args += ["--preset", "original"]
+        keys = [k for k in keys if k not in preset]
+    else:  # a choice is named only where it is not caer-kit's own
+        keys += [k for k, v in PRESETS["caer"].items()
+                 if k != "normalize" and fp.get(k) not in (None, v)]
+    for key in keys:
         if fp.get(key) is not None:
             args += [FINGERPRINT_OPTIONS[key], str(fp[key])]
-    if fp.get("face_boxes"):  # only its sha256 is recorded: the file is the user's
+    if run_config.get("kind") == "import-official":  # the release's own box files
+        args += ["--face-boxes", "face_detection_result.json"]
+        if fp.get("context") == "body":
+            args += ["--body-boxes", "body_detection_result.json"]
+    elif fp.get("face_boxes"):  # only its sha256 is recorded: the file is the user's
         args += ["--face-boxes", "BOXES.json"]
+    body = fp.get("body_boxes")
+    if fp.get("context") == "body" and body and not str(body).startswith("detector:") \
+            and run_config.get("kind") != "import-official":
+        args += ["--body-boxes", "BODY_BOXES.json"]
     if reencodes_crops(run_config):
         args.append("--pixels")
     return shlex.join(args)

@@ -48,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.config import PRESETS
 from pipeline.errors import CaerError
 
 log = logging.getLogger("caer")
@@ -588,7 +589,7 @@ def import_official(checkpoint: str | os.PathLike, out: str | os.PathLike, label
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     save_run(out, model, kind="import-official", train_options={}, cache_fingerprint=None,
              extra=extra, save_clip=True,
-             preprocessing={"normalize": "none", "face_resize": "squash", "face_margin": 20})
+             preprocessing={**PRESETS["original"], "face_resize": "squash", "face_margin": 20})
     return out
 
 

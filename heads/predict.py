@@ -81,6 +81,12 @@ def run_preprocessing(run_config: dict, image_size: int) -> dict:
     values["segments"] = int(prep.get("segments", head.get("segments", 16)))
     values["image_size"] = int(prep.get("image_size", image_size))
     values["normalize"] = prep.get("normalize", "clip")
+    from pipeline.config import PRESETS
+
+    # The crop choices (extract --preset and its options); frames are the clip's as found.
+    for key, default in PRESETS["caer"].items():
+        if key not in ("normalize", "frame_count"):
+            values[key] = prep.get(key, trained_on.get(key, default))
     if trained_on.get("face_boxes"):
         log.warning("the run was trained on faces from a --face-boxes file; predict finds faces "
                     "with the %s-range detector instead", values["face_model"])
@@ -113,7 +119,10 @@ def predict(cfg: PredictConfig, progress: bool = True) -> Predictions:
                 "segments": prep["segments"], "candidates": 1,
                 "face_model": prep["face_model"], "min_face_score": prep["min_face_score"],
                 "face_margin": prep["face_margin"], "face_resize": prep["face_resize"],
-                "image_size": prep["image_size"], "boxes": None}
+                "image_size": prep["image_size"], "boxes": None,
+                **{k: prep[k] for k in ("frame_order", "frame_sampling", "frame_decode",
+                                        "face_crop", "context", "context_resize")},
+                "body_source": "detector"}
         crops = prepare_clip(task)
         if crops["status"] != "ok":
             result.clips.append(ClipPrediction(str(path), "failed", reason=crops["reason"]))

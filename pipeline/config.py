@@ -11,6 +11,18 @@ from dataclasses import dataclass, field, fields
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 
+# --preset NAME: the value of every preprocessing choice. "original" is the original code's
+# (zgsfer/CLIP-CAER's data loader), step by step in pipeline/original.py.
+PRESETS = {
+    "caer": {"frame_order": "natural", "frame_count": "disk", "frame_sampling": "caer",
+             "frame_decode": "caer", "face_crop": "caer", "context": "full",
+             "context_resize": "caer", "normalize": "clip"},
+    "original": {"frame_order": "string", "frame_count": "list", "frame_sampling": "original",
+                 "frame_decode": "original", "face_crop": "original", "context": "body",
+                 "context_resize": "original", "normalize": "none"},
+}
+PRESET_NAMES = tuple(PRESETS)
+
 
 def _option(default, help: str, **more):
     return field(default=default, metadata={"help": help, **more})
@@ -53,10 +65,45 @@ class ExtractConfig:
     face_resize: str = _option("squash", "Face crop to 224x224: stretch (the original's) or pad.",
                                choices=("squash", "letterbox"))
     face_boxes: str | None = _option(
-        None, "Precomputed boxes in the original release's layout ({frame folder: {frame "
-              "file: [x0,y0,x1,y1]}}) instead of the detector.", metavar="JSON")
-    normalize: str = _option("clip", "CLIP mean/std, or [0,1] pixels as the original code fed.",
-                             choices=("clip", "none"))
+        None, "The release's face_detection_result.json ({frame folder: {frame file: "
+              "[x0,y0,x1,y1]}}) instead of the detector; a clip takes the key that agrees "
+              "with its path on the most trailing components.", metavar="JSON")
+    # --- preprocessing choices: each defaults to the --preset's value (see PRESETS) ---
+    preset: str = _option(
+        "caer", "caer: caer-kit's preprocessing. original: every choice of the original "
+                "code (listed above); an option given as well wins.",
+        choices=tuple(PRESET_NAMES))
+    frame_order: str | None = _option(
+        None, "Frame files of a folder in natural (2.jpg before 10.jpg) or string order "
+              "[caer: natural; original: string].", choices=("natural", "string"))
+    frame_count: str | None = _option(
+        None, "Frame positions from the frames on disk, or from the list file's count "
+              "[caer: disk; original: list].", choices=("disk", "list"))
+    frame_sampling: str | None = _option(
+        None, "caer: K evenly spaced frames per segment. original: the original's training "
+              "frames for --split train clips, its test frame in every slot otherwise "
+              "[caer: caer; original: original].", choices=("caer", "original"))
+    frame_decode: str | None = _option(
+        None, "Folder frames decoded upright (EXIF orientation applied), or by PIL as the "
+              "original did [caer: caer; original: original].", choices=("caer", "original"))
+    face_crop: str | None = _option(
+        None, "caer: box rounded outwards, bicubic resize. original: int() box + margin, "
+              "PIL crop, PIL bilinear resize to 224 [caer: caer; original: original].",
+        choices=("caer", "original"))
+    context: str | None = _option(
+        None, "Context crop: the whole frame, or the frame cropped to the clip's body box "
+              "(--body-boxes, else the built-in person detector) [caer: full; original: body].",
+        choices=("full", "body"))
+    body_boxes: str | None = _option(
+        None, "The release's body_detection_result.json ({frame folder: [x0,y0,x1,y1]}, one "
+              "box per clip, matched like --face-boxes); implies --context body.",
+        metavar="JSON")
+    context_resize: str | None = _option(
+        None, "caer: PIL bicubic letterbox. original: OpenCV's default resize, the original's "
+              "padding [caer: caer; original: original].", choices=("caer", "original"))
+    normalize: str | None = _option(
+        None, "CLIP mean/std, or [0,1] pixels as the original code fed "
+              "[caer: clip; original: none].", choices=("clip", "none"))
     pixels: bool = _option(False, "Also store the uint8 224x224 crops (finetune).")
     batch_size: int = _option(64, "Images per encoder batch.")
     workers: int = _option(max(1, min(4, (os.cpu_count() or 2) - 1)),
@@ -68,6 +115,18 @@ class ExtractConfig:
                                           "only).", metavar="PATH")
     retry_failed: bool = _option(False, "Redo clips the store records as failed.")
     quiet: bool = _option(False, "No progress bar; a log line every 10%.")
+
+
+    def resolved(self) -> "ExtractConfig":
+        """A copy whose preprocessing choices left unset take the preset's values
+        (``--body-boxes`` without ``--context`` means body context)."""
+        from dataclasses import replace
+
+        values = dict(PRESETS.get(self.preset, {}))
+        if self.body_boxes is not None:
+            values["context"] = "body"
+        given = {name: getattr(self, name) for name in values if getattr(self, name) is not None}
+        return replace(self, **{**values, **given})
 
 
 CHOICES = {f.name: f.metadata["choices"] for f in fields(ExtractConfig)

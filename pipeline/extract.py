@@ -15,7 +15,6 @@ batch, and a clip redone after a kill, or by another rank, is bit-identical.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -34,6 +33,7 @@ from cache.store import (ClipResult, ClipRow, StoreError, StoreWriter, create_za
                          describe_mismatch, export_hdf5, fingerprint_mismatch, import_hdf5,
                          is_hdf5, make_fingerprint, open_store, remove_store,
                          staging_path)
+from pipeline.boxes import BoxFile, load_body_boxes, load_face_boxes
 from pipeline.clip import resolve_precision
 from pipeline.config import CHOICES, ExtractConfig
 from pipeline.errors import CaerError
@@ -59,6 +59,7 @@ class ExtractSummary:
     encode_seconds: float = 0.0  # inside the image encoder
     n_batches: int = 0  # encoder batches of exactly batch_size images
     startup_seconds: float = 0.0  # starting, warming and stopping the workers, once per run
+    box_lines: list = field(default_factory=list)  # clips/frames a box file left without a box
 
     @property
     def exit_code(self) -> int:
@@ -83,58 +84,44 @@ def _check_options(cfg: ExtractConfig) -> None:
         raise CaerError(f"--root {cfg.root}: no such directory")
 
 
-def load_face_boxes(path: str) -> tuple[dict, str]:
-    """Precomputed boxes in the original release's layout -> ({folder: {frame: box}}, sha256).
-
-    The original's face.json maps a clip's frame folder (as written in its list file) to
-    ``{frame file name: [x0, y0, x1, y1]}`` in pixels. A flat ``{frame path: box}`` map is
-    accepted too. For a video file the frame name is its 0-based frame number.
-    """
-    file = Path(path)
-    if not file.is_file():
-        raise CaerError(f"--face-boxes {path}: no such file")
-    raw = file.read_bytes()
-    try:
-        data = json.loads(raw)
-    except ValueError as err:
-        raise CaerError(f"--face-boxes {path}: not JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise CaerError(f"--face-boxes {path}: expected an object keyed by frame folder")
-    nested: dict[str, dict] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            nested.setdefault(_norm_key(key), {}).update(value)
-        elif isinstance(value, (list, tuple)) or value is None:
-            folder, _, name = _norm_key(key).rpartition("/")
-            nested.setdefault(folder, {})[name] = value
-        else:
-            raise CaerError(f"--face-boxes {path}: entry {key!r} is neither a box nor a "
-                            f"{{frame: box}} object")
-        for name, box in nested[_norm_key(key) if isinstance(value, dict)
-                                else _norm_key(key).rpartition("/")[0]].items():
-            if box is not None and (not isinstance(box, (list, tuple)) or len(box) != 4):
-                raise CaerError(f"--face-boxes {path}: box of {key}/{name} is not "
-                                f"[x0, y0, x1, y1]")
-    return nested, hashlib.sha256(raw).hexdigest()
+def _check_choices(cfg: ExtractConfig) -> None:
+    """Combinations of the preprocessing choices that cannot work (after ``resolved()``)."""
+    if cfg.face_crop == "original" and cfg.face_resize != "squash":
+        raise CaerError("--face-crop original resizes the face as the original did (a square "
+                        "stretch): it cannot be combined with --face-resize letterbox")
+    if cfg.body_boxes is not None and cfg.context != "body":
+        raise CaerError("--body-boxes is used only with --context body; drop --context full "
+                        "or the box file")
 
 
-def _norm_key(key: str) -> str:
-    return os.path.normpath(str(key).replace("\\", "/")).replace("\\", "/").rstrip("/")
+def _body_source(cfg: ExtractConfig, body_file: BoxFile | None) -> str | None:
+    """What the fingerprint records of the body boxes: the box file's sha256, or the person
+    detector's model (``detector:<its sha256>``); None for the whole frame."""
+    if cfg.context != "body":
+        return None
+    if body_file is not None:
+        return body_file.sha256
+    from pipeline.persons import load_model_bytes
+
+    return "detector:" + hashlib.sha256(load_model_bytes()).hexdigest()
 
 
-def boxes_for_clip(boxes: dict, row: ClipRow) -> dict | None:
-    """A clip's ``{frame name: box}``: looked up by its absolute path, by its id (the path as
-    written) or by the longest key that is a trailing part of its path."""
-    path = _norm_key(row.path)
-    for key in (path, _norm_key(row.id)):
-        if key in boxes:
-            return boxes[key]
-    best = None
-    for key in boxes:
-        if key and (path == key or path.endswith("/" + key.lstrip("./"))):
-            if best is None or len(key) > len(best):
-                best = key
-    return boxes[best] if best is not None else None
+def match_boxes(rows: list[ClipRow], face: BoxFile | None, body: BoxFile | None) -> list[dict]:
+    """Each clip's entries of the box files (before anything is written, so that an
+    ambiguous key refuses the run): ``[{"face": {frame: box} | None, "body": box | None,
+    "body_key": bool}]``."""
+    out = []
+    for row in rows:
+        entry = {"face": None, "body": None, "body_key": False}
+        if face is not None:
+            key = face.match(row.path)
+            entry["face"] = face.entries[key] if key is not None else None
+        if body is not None:
+            key = body.match(row.path)
+            entry["body"] = body.entries[key] if key is not None else None
+            entry["body_key"] = key is not None
+        out.append(entry)
+    return out
 
 
 # --------------------------------------------------------------------------- encoder side
@@ -211,12 +198,25 @@ class BatchEncoder:
         return finished
 
 
+def _distinct_frames(result: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(first slot of each distinct kept frame, slot -> its distinct frame): a frame kept in
+    several slots (a short clip, the original's test frame in every candidate) is encoded
+    once. Its crops are the same in every slot, since they depend on the frame alone."""
+    _, first, inverse = np.unique(result["frame_index"].reshape(-1), return_index=True,
+                                  return_inverse=True)
+    return first, inverse.reshape(-1)
+
+
 def _stack_views(result: dict, flip: bool) -> np.ndarray:
-    """uint8 ``[V * S * K, H, W, 3]`` in view order face, context(, face_flip, context_flip)."""
-    views = [result["face"], result["context"]]
-    if flip:  # flipping the crop equals cropping the flipped frame with the mirrored box
-        views += [result["face"][..., ::-1, :], result["context"][..., ::-1, :]]
+    """uint8 ``[V * F, H, W, 3]``, the F distinct kept frames of each view in the order face,
+    context(, face_flip, context_flip)."""
+    first, _ = _distinct_frames(result)
     size = result["face"].shape[-2]
+    face = result["face"].reshape(-1, size, size, 3)[first]
+    context = result["context"].reshape(-1, size, size, 3)[first]
+    views = [face, context]
+    if flip:  # flipping the crop equals cropping the flipped frame with the mirrored box
+        views += [face[..., ::-1, :], context[..., ::-1, :]]
     return np.ascontiguousarray(np.stack(views).reshape(-1, size, size, 3))
 
 
@@ -225,7 +225,9 @@ def _to_clip_result(result: dict, features: np.ndarray | None, fp: dict) -> Clip
         return ClipResult("failed", reason=result["reason"] or "failed")
     s, k = fp["segments"], fp["candidates"]
     views = ["face", "context"] + (["face_flip", "context_flip"] if fp["flip"] else [])
-    feats = features.reshape(len(views), s, k, -1)
+    _, slot_frame = _distinct_frames(result)
+    feats = features.reshape(len(views), -1, features.shape[-1])[:, slot_frame]
+    feats = feats.reshape(len(views), s, k, -1)
     pixels = {}
     if fp["pixels"]:
         pixels = {name: np.ascontiguousarray(result[name].transpose(0, 1, 4, 2, 3))
@@ -234,6 +236,7 @@ def _to_clip_result(result: dict, features: np.ndarray | None, fp: dict) -> Clip
                       width=result["width"], height=result["height"],
                       frame_index=result["frame_index"], box=result["box"],
                       score=result["score"], found=result["found"],
+                      body_box=result.get("body_box"),
                       features={v: feats[i] for i, v in enumerate(views)}, pixels=pixels)
 
 
@@ -347,7 +350,12 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
     from pipeline.labels import load_label_set
 
     t_start = time.perf_counter()
+    if cfg.preset not in CHOICES["preset"]:
+        raise CaerError(f"--preset must be one of {', '.join(CHOICES['preset'])}, "
+                        f"not {cfg.preset!r}")
+    cfg = cfg.resolved()
     _check_options(cfg)
+    _check_choices(cfg)
     d = Dist.from_env()
     cache = Path(cfg.cache)
     if d.world > 1 and is_hdf5(cache):
@@ -358,9 +366,9 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
     roots: dict[str, str] = {}  # clip id -> its root: where its path is looked for
     rows, meta_columns = read_annotations(list(cfg.annotations), labels, list(cfg.split),
                                           cfg.root, roots=roots)
-    boxes, boxes_digest = (None, None)
-    if cfg.face_boxes is not None:
-        boxes, boxes_digest = load_face_boxes(cfg.face_boxes)
+    face_file = load_face_boxes(cfg.face_boxes) if cfg.face_boxes is not None else None
+    body_file = load_body_boxes(cfg.body_boxes) if cfg.body_boxes is not None else None
+    matched = match_boxes(rows, face_file, body_file)  # refuses an ambiguous key up front
 
     from pipeline.clip import load_clip, local_cuda_device
 
@@ -374,7 +382,13 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
                           segments=cfg.segments, candidates=cfg.candidates, flip=cfg.flip,
                           pixels=cfg.pixels, normalize=cfg.normalize, face_model=cfg.face_model,
                           face_margin=cfg.face_margin, min_face_score=cfg.min_face_score,
-                          face_resize=cfg.face_resize, face_boxes=boxes_digest, labels=labels)
+                          face_resize=cfg.face_resize,
+                          face_boxes=face_file.sha256 if face_file else None, labels=labels,
+                          frame_order=cfg.frame_order, frame_count=cfg.frame_count,
+                          frame_sampling=cfg.frame_sampling, frame_decode=cfg.frame_decode,
+                          face_crop=cfg.face_crop, context=cfg.context,
+                          context_resize=cfg.context_resize,
+                          body_boxes=_body_source(cfg, body_file))
     target = staging_path(cache) if is_hdf5(cache) else cache
 
     d.init()
@@ -398,7 +412,8 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
         if outcome:
             d.barrier()
             done_all, t_process, t_startup = _run_share(cfg, d, target, clip, encoder, fp,
-                                                        boxes, device, precision, roots)
+                                                        (face_file, body_file), device,
+                                                        precision, roots)
             d.barrier()
             if d.rank == 0 and is_hdf5(cache):
                 export_hdf5(target, cache)
@@ -411,14 +426,34 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
     manifest = store.manifest
     store.close()
     failed = manifest[manifest.status == "failed"]
+    boxes = box_lines(cache, face_file, body_file, matched) if d.rank == 0 else []
     return ExtractSummary(str(cache), len(manifest), int((manifest.status == "ok").sum()),
                           len(failed), done_all, time.perf_counter() - t_start,
                           list(zip(failed["id"], failed["reason"]))[:5], t_process,
-                          encoder.encode_seconds, encoder.n_batches, t_startup)
+                          encoder.encode_seconds, encoder.n_batches, t_startup, boxes)
+
+
+def box_lines(cache: Path, face: BoxFile | None, body: BoxFile | None,
+              matched: list[dict]) -> list[str]:
+    """What the boxes left out: clips of this run that match no key of a box file, and,
+    over the whole store, what ``info`` reports."""
+    from cache.info import box_counts, box_count_lines
+
+    lines = []
+    if face is not None:
+        missing = sum(m["face"] is None for m in matched)
+        lines.append(f"--face-boxes {face.path}: {missing} of {len(matched)} clips match no key")
+    if body is not None:
+        missing = sum(not m["body_key"] for m in matched)
+        lines.append(f"--body-boxes {body.path}: {missing} of {len(matched)} clips match no "
+                     f"key")
+    with open_store(cache) as store:
+        lines += box_count_lines(box_counts(store))
+    return lines
 
 
 def _run_share(cfg: ExtractConfig, d: Dist, target: Path, clip, encoder: BatchEncoder, fp: dict,
-               boxes, device: str, precision: str,
+               box_files: tuple, device: str, precision: str,
                roots: dict[str, str]) -> tuple[int, float, float]:
     """This rank's share of the pending clips: returns (clips done by all ranks, seconds
     processing, seconds starting the workers). ``roots`` maps this run's clip ids to their
@@ -432,20 +467,28 @@ def _run_share(cfg: ExtractConfig, d: Dist, target: Path, clip, encoder: BatchEn
              writer.n_clips, cfg.cache, len(pending),
              f", {len(mine)} on rank {d.rank}" if d.world > 1 else "", device, precision)
     tasks = []
+    face_file, body_file = box_files
     for i in mine:
         row = manifest.iloc[int(i)]
         listed = row["listed_frames"]
         clip_row = ClipRow(row["id"], row["path"], int(row["label"]), row["split"],
                            listed_frames=-1 if pd.isna(listed) else int(listed))
-        tasks.append({"index": int(i), "path": clip_row.path,
+        entry = match_boxes([clip_row], face_file, body_file)[0]
+        tasks.append({"index": int(i), "path": clip_row.path, "split": clip_row.split,
                       "listed_frames": clip_row.listed_frames,
                       "segments": cfg.segments, "candidates": cfg.candidates,
                       "face_model": cfg.face_model, "min_face_score": cfg.min_face_score,
                       "face_margin": cfg.face_margin, "face_resize": cfg.face_resize,
                       "image_size": clip.image_size,
-                      "boxes": None if boxes is None else (boxes_for_clip(boxes, clip_row) or {}),
+                      "boxes": None if face_file is None else (entry["face"] or {}),
                       "root": roots.get(clip_row.id, fallback_root),
-                      "confine_to_root": cfg.confine_to_root})
+                      "confine_to_root": cfg.confine_to_root,
+                      "frame_order": cfg.frame_order, "frame_count": cfg.frame_count,
+                      "frame_sampling": cfg.frame_sampling, "frame_decode": cfg.frame_decode,
+                      "face_crop": cfg.face_crop, "context": cfg.context,
+                      "context_resize": cfg.context_resize,
+                      "body_source": "file" if body_file is not None else "detector",
+                      "body_box": entry["body"]})
     t0 = time.perf_counter()
     pool = start_pool(cfg, tasks[0] if tasks else None)
     t_startup = time.perf_counter() - t0
@@ -637,7 +680,7 @@ def summary_lines(s: ExtractSummary) -> list[str]:
         if s.n_failed > len(s.failures):
             lines.append(f"  ... and {s.n_failed - len(s.failures)} more")
         lines.append(f"the failure list: python cli.py info {s.cache}")
-    return lines
+    return lines + list(s.box_lines)
 
 
 def config_dict(cfg: ExtractConfig) -> dict:

@@ -54,43 +54,20 @@ def prepare_clip(task: dict) -> dict:
 
 
 def _prepare(task: dict) -> dict:
-    global _DETECTOR
-    from pipeline.crops import face_crop, letterbox
-    from pipeline.video import read_frames, sample_indices
-
     s, k = task["segments"], task["candidates"]
     info = _probe_under_root(task)
-    indices = sample_indices(info.n_frames, s, k)
-    frames = read_frames(task["path"], indices, info)
     notes = [info.note] if info.note else []
-    listed = task["listed_frames"]
-    if listed >= 0 and listed != info.n_frames:
-        notes.append(f"list file says {listed} frames, {info.n_frames} on disk (disk used)")
+    indices, more = _positions(task, info)
+    notes += more
+    frames = _decode(task, info, indices)
     if getattr(frames, "substituted", None):
         bad = sorted(frames.substituted)
         notes.append(f"{len(bad)} kept frame(s) did not decode (first {bad[0]}); the last "
                      f"decoded frame stands in")
 
-    boxes = task["boxes"]
-    detections = {}
-    for number in np.unique(indices):
-        number = int(number)
-        rgb = frames[number]
-        if boxes is not None:
-            name = info.files[number] if info.kind == "frames" else str(number)
-            box = boxes.get(name)
-            detections[number] = (tuple(float(v) for v in box), 1.0) if box else (None, 0.0)
-        else:
-            wanted = (task["face_model"], task["min_face_score"])
-            if _DETECTOR is None or (_DETECTOR.model, _DETECTOR.min_score) != wanted:
-                from pipeline.faces import FaceDetector
-
-                if _DETECTOR is not None:
-                    _DETECTOR.close()
-                _DETECTOR = FaceDetector(*wanted)  # once per worker process
-            det = _DETECTOR.detect(_rgb3(rgb))
-            detections[number] = (det.box, float(det.score))
-
+    detections = _faces(task, info, frames, indices)
+    body = _body_box(task, frames, detections)
+    face_crop, context_crop = _croppers(task, body)
     size = task["image_size"]
     face = np.empty((s, k, size, size, 3), np.uint8)
     context = np.empty((s, k, size, size, 3), np.uint8)
@@ -101,20 +78,127 @@ def _prepare(task: dict) -> dict:
     for si in range(s):
         for ki in range(k):
             number = int(indices[si, ki])
-            if number not in crops:
-                b, sc = detections[number]
-                rgb = frames[number]
-                crops[number] = (face_crop(rgb, b, task["face_margin"], size, task["face_resize"]),
-                                 letterbox(rgb, size))
-            face[si, ki], context[si, ki] = crops[number]
             b, sc = detections[number]
+            if number not in crops:
+                crops[number] = (face_crop(frames[number], b), context_crop(frames[number]))
+            face[si, ki], context[si, ki] = crops[number]
             score[si, ki] = sc
             if b is not None:
                 box[si, ki], found[si, ki] = b, True
     return {"index": task["index"], "status": "ok", "note": "; ".join(notes),
             "n_frames": info.n_frames, "fps": info.fps or 0.0, "width": info.width,
             "height": info.height, "frame_index": indices.astype(np.int32), "box": box,
-            "score": score, "found": found, "face": face, "context": context}
+            "score": score, "found": found, "face": face, "context": context,
+            "body_box": None if body is None else np.asarray(body, np.float32)}
+
+
+def _positions(task: dict, info) -> tuple[np.ndarray, list[str]]:
+    """The kept frames ``[S, K]`` (positions in the folder's order) and notes about them."""
+    from pipeline import original
+    from pipeline.video import ClipError, sample_indices
+
+    s, k = task["segments"], task["candidates"]
+    listed, notes = task["listed_frames"], []
+    use_list = task.get("frame_count", "disk") == "list" and listed >= 0
+    if listed >= 0 and listed != info.n_frames:
+        notes.append(f"list file says {listed} frames, {info.n_frames} on disk "
+                     f"({'list' if use_list else 'disk'} used)")
+    n = listed if use_list else info.n_frames
+    if n < 1:
+        raise ClipError("the list file says 0 frames (--frame-count list)")
+    if task.get("frame_sampling", "caer") == "original":
+        indices = original.positions(n, s, k, task.get("split", ""))
+    else:
+        indices = sample_indices(n, s, k)
+    if int(indices.max()) >= info.n_frames:
+        raise ClipError(f"frame {int(indices.max())} of the {n} the list file counts is past "
+                        f"the {info.n_frames} on disk (--frame-count list; the original code "
+                        f"fails on this clip too)")
+    return indices, notes
+
+
+def _decode(task: dict, info, indices: np.ndarray):
+    from pathlib import Path
+
+    from pipeline import original
+    from pipeline.video import ClipError, read_frames
+
+    if task.get("frame_decode", "caer") == "original" and info.kind == "frames":
+        frames = {}
+        for number in np.unique(indices):
+            name = info.files[int(number)]
+            try:
+                frames[int(number)] = original.decode(Path(task["path"]) / name)
+            except Exception as err:  # noqa: BLE001 - any unreadable image fails the clip
+                text = str(err).strip().splitlines()
+                raise ClipError(f"unreadable image {name}: {text[0] if text else err}") from None
+        return frames
+    return read_frames(task["path"], indices, info)
+
+
+def _faces(task: dict, info, frames, indices: np.ndarray) -> dict:
+    """``{frame number: (box or None, score)}``: from the box file, else the detector."""
+    global _DETECTOR
+    boxes = task["boxes"]
+    detections = {}
+    for number in np.unique(indices):
+        number = int(number)
+        if boxes is not None:
+            name = info.files[number] if info.kind == "frames" else str(number)
+            box = boxes.get(name)
+            # The file's own values: original.face_crop truncates them with int().
+            detections[number] = (tuple(float(v) for v in box), 1.0) if box else (None, 0.0)
+            continue
+        wanted = (task["face_model"], task["min_face_score"])
+        if _DETECTOR is None or (_DETECTOR.model, _DETECTOR.min_score) != wanted:
+            from pipeline.faces import FaceDetector
+
+            if _DETECTOR is not None:
+                _DETECTOR.close()
+            _DETECTOR = FaceDetector(*wanted)  # once per worker process
+        det = _DETECTOR.detect(_rgb3(frames[number]))
+        detections[number] = (det.box, float(det.score))
+    return detections
+
+
+def _body_box(task: dict, frames, detections: dict):
+    """The clip's body box (context "body"): from the box file, else the person detector;
+    None: the whole frame."""
+    if task.get("context", "full") != "body":
+        return None
+    if task.get("body_source") == "file":
+        box = task.get("body_box")
+        return None if box is None else tuple(float(v) for v in box)
+    from pipeline.persons import pick_body_box  # only with --context body and no box file
+
+    numbers = sorted(frames)
+    box = pick_body_box([_rgb3(frames[n]) for n in numbers],
+                        [detections[n][0] for n in numbers])
+    return None if box is None else tuple(float(v) for v in box[:4])
+
+
+def _croppers(task: dict, body):
+    """(face crop of (rgb, box), context crop of rgb) as the task's options choose."""
+    from pipeline import original
+    from pipeline.crops import crop_box, face_crop, letterbox
+
+    size, margin = task["image_size"], task["face_margin"]
+    if task.get("face_crop", "caer") == "original":
+        def face(rgb, box):
+            return original.face_crop(rgb, box, margin, size)
+    else:
+        def face(rgb, box):
+            return face_crop(rgb, box, margin, size, task["face_resize"])
+    if task.get("context_resize", "caer") == "original":
+        def context(rgb):
+            return original.context_crop(rgb, body, size)
+    else:
+        def context(rgb):
+            if body is not None:
+                x0, y0, x1, y1 = crop_box(body, rgb.shape[1], rgb.shape[0], margin=0)
+                rgb = rgb[y0:y1, x0:x1]
+            return letterbox(rgb, size)
+    return face, context
 
 
 def _probe_under_root(task: dict):
@@ -128,7 +212,7 @@ def _probe_under_root(task: dict):
                             "run's --annotations, so its root is unknown; pass --root")
         outside(path, root)
     try:
-        info = probe_clip(path)
+        info = probe_clip(path, order=task.get("frame_order", "natural"))
     except ClipError as err:
         if str(err) == "file not found" and root is not None:
             hint = moved_prefix(path, root)

@@ -66,14 +66,15 @@ def _first_line(err: BaseException) -> str:
 
 # ---------------------------------------------------------------------------------------- probe
 
-def probe_clip(path) -> ClipInfo:
+def probe_clip(path, order: str = "natural") -> ClipInfo:
     """What a clip holds, without decoding more than its first frame.
 
-    Raises ClipError with a one-line reason for a clip that cannot be used.
+    ``order`` numbers a folder's images in ``"natural"`` order or in ``"string"`` order (the
+    original code's). Raises ClipError with a one-line reason for a clip that cannot be used.
     """
     path = Path(path)
     if path.is_dir():
-        return _probe_folder(path)
+        return _probe_folder(path, order)
     if not path.exists():
         raise ClipError("file not found")
     if not path.is_file():  # opening a FIFO would wait forever, a device read for ever
@@ -83,11 +84,14 @@ def probe_clip(path) -> ClipInfo:
     return _probe_video(path)
 
 
-def _probe_folder(path: Path) -> ClipInfo:
+def _probe_folder(path: Path, order: str = "natural") -> ClipInfo:
     from PIL import Image
 
+    if order not in ("natural", "string"):
+        raise ValueError(f"order must be 'natural' or 'string', got {order!r}")
     files = sorted((p.name for p in path.iterdir() if not p.name.startswith(".")
-                    and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()), key=natural_key)
+                    and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+                   key=natural_key if order == "natural" else None)
     for name in files:  # the size comes from the first image whose header reads
         try:
             with Image.open(path / name) as img:
