@@ -71,3 +71,9 @@ class FinetuneConfig(TrainConfig):
     accumulate: int = field(default=1, metadata={
         "help": "Micro-batches per optimizer step (the batch size stays --batch-size)."})
     workers: int = field(default=2, metadata={"help": "DataLoader worker processes (decode, augment)."})
+    augment: str = field(default="ours", metadata={
+        "choices": ["ours", "original"],
+        "help": "ours | original. ours: one rotation (+-4 degrees, bilinear) and one flip per "
+                "clip, shared by face and context. original: as the original code, rotation "
+                "and flip drawn for each stream on its own, PIL's nearest rotation, the face "
+                "rotated as its raw crop (squashed caches)."})

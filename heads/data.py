@@ -186,20 +186,84 @@ def augment_clip(frames: torch.Tensor, degrees: float, flip: bool) -> torch.Tens
     return frames
 
 
+AUGMENTATIONS = ("ours", "original")
+
+
+def pil_rotation_matrix(degrees: float, size: tuple[int, int],
+                        raw_size: tuple[float, float] | None = None) -> tuple[float, ...]:
+    """PIL's affine coefficients (output pixel -> input pixel) rotating an image of ``size``
+    ``degrees`` counter-clockwise about its centre, as ``Image.rotate`` computes them.
+
+    With ``raw_size`` the image is a ``raw_size`` crop squashed to ``size``, and the rotation
+    is the one the raw crop would have had before that resize: in the squashed image it is
+    S R S^-1 (S the per-axis scale), a rotation skewed by the crop's aspect ratio.
+    """
+    theta = -math.radians(degrees)
+    a, b = round(math.cos(theta), 15), round(math.sin(theta), 15)
+    d, e = -b, a
+    w, h = size
+    if raw_size is not None:
+        sx, sy = w / raw_size[0], h / raw_size[1]
+        b, d = b * sx / sy, d * sy / sx
+    cx, cy = w / 2.0, h / 2.0
+    return (a, b, cx - a * cx - b * cy, d, e, cy - d * cx - e * cy)
+
+
+def rotate_like_original(crops: np.ndarray, degrees: float,
+                         raw_sizes: np.ndarray | None = None) -> np.ndarray:
+    """The original's ``RandomRotation`` on stored uint8 crops ``[T, 3, H, W]``: PIL's rotate
+    with its default nearest resampling and black corners. ``raw_sizes`` ``[T, 2]`` (w, h of
+    each face crop before it was squashed to H x W) make it the rotation of the raw crop."""
+    from PIL import Image
+
+    out = np.empty_like(crops)
+    size = (crops.shape[3], crops.shape[2])
+    for t in range(len(crops)):
+        image = Image.fromarray(np.ascontiguousarray(crops[t].transpose(1, 2, 0)))
+        if raw_sizes is None:
+            rotated = image.rotate(degrees)
+        else:
+            rotated = image.transform(size, Image.Transform.AFFINE,
+                                      pil_rotation_matrix(degrees, size, tuple(raw_sizes[t])),
+                                      Image.Resampling.NEAREST)
+        out[t] = np.asarray(rotated).transpose(2, 0, 1)
+    return out
+
+
+def raw_face_sizes(boxes: np.ndarray, width: int, height: int, margin: int) -> np.ndarray:
+    """``[..., 2]`` (w, h) of the original's face crops for boxes ``[..., 4]`` (NaN: no face,
+    the whole frame): coordinates truncated, the margin added, clamped to the frame."""
+    whole = np.isnan(boxes).any(-1)
+    b = np.where(whole[..., None], 0, np.nan_to_num(boxes)).astype(np.int64)  # int() truncates
+    left, upper = np.maximum(0, b[..., 0] - margin), np.maximum(0, b[..., 1] - margin)
+    right, lower = np.minimum(width, b[..., 2] + margin), np.minimum(height, b[..., 3] + margin)
+    sizes = np.stack([right - left, lower - upper], -1)
+    sizes[whole] = (width, height)
+    return np.maximum(sizes, 1)
+
+
 class PixelClips(torch.utils.data.Dataset):
     """Stored uint8 crops of some clips, one clip per item: ``(face, context, label, row)``,
     face and context float ``[S, 3, H, W]`` in [0, 1].
 
-    Training draws, per clip, a candidate frame per segment, one rotation in +-4 degrees and a
-    horizontal flip with p = 0.5; both streams get the same rotation and flip (they show the
-    same moment). The store is opened lazily so that each DataLoader worker has its own handle.
+    Training draws, per clip, a candidate frame per segment, then with ``augment="ours"`` one
+    rotation in +-4 degrees (bilinear) and one horizontal flip with p = 0.5 shared by both
+    streams (they show the same moment). ``augment="original"`` draws rotation and flip for
+    each stream on its own and rotates as the original does (PIL, nearest); the face crop is
+    rotated as its raw, unsquashed crop would have been when the cache squashed faces
+    (docs/reproducing.md says what stored crops cannot reproduce). The store is opened lazily
+    so that each DataLoader worker has its own handle.
     """
 
     def __init__(self, store_path: str, rows: np.ndarray, labels: np.ndarray, *, train: bool,
-                 seed: int = 0, candidates: int = 1):
+                 seed: int = 0, candidates: int = 1, augment: str = "ours"):
+        if augment not in AUGMENTATIONS:
+            raise CaerError(f"--augment {augment}: choose one of {', '.join(AUGMENTATIONS)}")
         self.store_path, self.rows, self.labels = str(store_path), np.asarray(rows), labels
         self.train, self.seed, self.candidates, self.epoch = train, seed, candidates, 0
+        self.augment = augment
         self._store = None
+        self._frame_sizes = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -219,6 +283,8 @@ class PixelClips(torch.utils.data.Dataset):
         face = self._store.pixels("face")[row]  # [S, K, 3, H, W] uint8
         context = self._store.pixels("context")[row]
         s = face.shape[0]
+        if self.train and self.augment == "original":
+            return (*self._original_augmentation(row, face, context), int(self.labels[i]), row)
         if self.train:
             g = clip_generator(self.seed, self.epoch, row, "pixels")
             frame = torch.randint(self.candidates, (s,), generator=g).numpy()
@@ -233,3 +299,28 @@ class PixelClips(torch.utils.data.Dataset):
             x = torch.from_numpy(np.ascontiguousarray(crops[segment, frame])).float().div_(255)
             out.append(augment_clip(x, degrees, flip) if self.train else x)
         return out[0], out[1], int(self.labels[i]), row
+
+    def _original_augmentation(self, row: int, face: np.ndarray, context: np.ndarray):
+        g = clip_generator(self.seed, self.epoch, row, "pixels-original")
+        s = face.shape[0]
+        frame = torch.randint(self.candidates, (s,), generator=g).numpy()
+        segment = np.arange(s)
+        raw = None
+        fingerprint = self._store.fingerprint
+        if fingerprint.get("face_resize") == "squash":
+            if self._frame_sizes is None:
+                manifest = self._store.manifest
+                self._frame_sizes = manifest[["width", "height"]].to_numpy()
+            width, height = (int(v) for v in self._frame_sizes[row])
+            if width > 0 and height > 0:  # else unknown (a store built from arrays)
+                boxes = np.asarray(self._store.face_boxes[row])[segment, frame]
+                raw = raw_face_sizes(boxes, width, height, int(fingerprint["face_margin"]))
+        out = []
+        for crops, sizes in ((face, raw), (context, None)):
+            # The original transforms each stream's frames as one group: one angle, one flip.
+            degrees = float((torch.rand((), generator=g) * 2 - 1) * MAX_ROTATION_DEGREES)
+            flip = bool(torch.rand((), generator=g) < FLIP_PROBABILITY)
+            x = rotate_like_original(np.ascontiguousarray(crops[segment, frame]), degrees, sizes)
+            x = torch.from_numpy(x).float().div_(255)
+            out.append(x.flip(-1) if flip else x)
+        return out[0], out[1]

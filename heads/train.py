@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from heads.config import FinetuneConfig, TrainConfig
-from heads.data import FeatureBank, PixelClips, Splits, clip_generator, clip_seed, split_clips
+from heads.data import (AUGMENTATIONS, FeatureBank, PixelClips, Splits, clip_generator, clip_seed,
+                        split_clips)
 from heads.metrics import compute_report
 from pipeline.clip import local_cuda_device, resolve_precision
 from pipeline.errors import CaerError
@@ -130,6 +131,8 @@ def _check_options(config: TrainConfig, kind: str) -> None:
             raise CaerError("--accumulate must be at least 1")
         if config.lr_image_encoder < 0:
             raise CaerError("--lr-image-encoder must be >= 0")
+        if config.augment not in AUGMENTATIONS:
+            raise CaerError(f"--augment {config.augment}: choose one of {', '.join(AUGMENTATIONS)}")
     world = _world_size()
     accumulate = getattr(config, "accumulate", 1)
     if config.batch_size % (world * accumulate):
@@ -264,7 +267,8 @@ def fit(config: TrainConfig, kind: str, seed: int, run_dir: Path) -> dict:
     if pixels:
         train_data = PixelClips(config.cache, splits.train,
                                 store.manifest["label"].to_numpy()[splits.train], train=True,
-                                seed=seed, candidates=int(fingerprint["candidates"]))
+                                seed=seed, candidates=int(fingerprint["candidates"]),
+                                augment=config.augment)
         bank = None
     else:
         bank = FeatureBank(store, np.concatenate([splits.train, splits.val]), with_flip=True)

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from cache import build_store_from_arrays, open_store
-from heads.data import PixelClips, augment_clip
+from heads.data import (PixelClips, augment_clip, pil_rotation_matrix, raw_face_sizes,
+                        rotate_like_original)
 from heads.train import FinetuneConfig, TrainConfig, finetune, predict_cache, train_head
 from pipeline.clip import build_random_clip, local_cuda_device, resolve_precision
 from pipeline.errors import CaerError
@@ -244,3 +245,66 @@ def test_augmentation_rotates_within_4_degrees_and_flips_per_clip(pixel_cache):
     evaluation = PixelClips(str(pixel_cache), np.arange(4), labels[:4], train=False, candidates=K)
     raw = torch.from_numpy(store.pixels("face")[2][:, K // 2]).float() / 255
     assert torch.equal(evaluation[2][0], raw)  # middle candidate, no augmentation
+
+
+def test_original_rotation_is_pil_s_nearest_rotate_and_follows_the_raw_crop(astronaut):
+    from PIL import Image
+
+    photo = astronaut  # a real photo, 512 x 512 RGB
+    crop = photo[30:260, 160:320]  # a raw face crop, 160 wide, 230 high
+    squashed = np.asarray(Image.fromarray(crop).resize((224, 224), Image.Resampling.BILINEAR))
+    frames = squashed.transpose(2, 0, 1)[None]
+    # Square (or unknown) raw crop: exactly PIL's own Image.rotate, nearest, black corners.
+    expected = np.asarray(Image.fromarray(squashed).rotate(3.7)).transpose(2, 0, 1)
+    assert np.array_equal(rotate_like_original(frames, 3.7)[0], expected)
+    assert np.array_equal(rotate_like_original(frames, 3.7, np.array([[90, 90]]))[0], expected)
+    assert pil_rotation_matrix(0.0, (224, 224), (160, 230)) == (1.0, 0.0, 0.0, -0.0, 1.0, 0.0)
+
+    # The original rotates the raw crop, then squashes it. From the squashed crop, rotating as
+    # the raw crop would have been is far closer to that than a plain rotation.
+    original = np.asarray(Image.fromarray(crop).rotate(4.0).resize((224, 224), Image.Resampling.BILINEAR))
+    emulated = rotate_like_original(frames, 4.0, np.array([[160, 230]]))[0].transpose(1, 2, 0)
+    plain = rotate_like_original(frames, 4.0)[0].transpose(1, 2, 0)
+    error = lambda x: np.abs(x.astype(np.int16) - original.astype(np.int16)).mean()  # noqa: E731
+    assert error(emulated) < 0.6 * error(plain), (error(emulated), error(plain))
+    black = lambda x: (x.max(-1) == 0)  # noqa: E731  the corners rotated in from outside
+    assert (black(emulated) == black(original)).mean() > (black(plain) == black(original)).mean()
+
+
+def test_raw_face_sizes_truncate_add_the_margin_and_clamp():
+    boxes = np.array([[10.9, 20.5, 110.2, 140.8], [-5.0, 0.0, 630.0, 30.0], [np.nan] * 4])
+    sizes = raw_face_sizes(boxes, width=640, height=480, margin=20)
+    # int() first: 10..110 -> 0..130 wide (clamped at 0); 20..140 -> 0..160 high
+    assert sizes.tolist() == [[130, 160], [640, 50], [640, 480]]
+
+
+def test_original_augmentation_draws_each_stream_on_its_own(tmp_path):
+    import zarr
+
+    path = tmp_path / "p.zarr"
+    make_pixel_store(path, n_train=12, n_test=1)
+    group = zarr.open_group(str(path), mode="r+")  # frame sizes and boxes, as extract stores them
+    group["clips/width"][:] = 640
+    group["clips/height"][:] = 480
+    box = np.zeros(group["faces/box"].shape, np.float32)
+    box[...] = (200.0, 100.0, 300.0, 300.0)  # 140 x 240 with the margin: not square
+    group["faces/box"][:] = box
+    store = open_store(path)
+    labels = store.manifest["label"].to_numpy()
+    raw = store.pixels("face")
+    ours = PixelClips(str(path), np.arange(12), labels[:12], train=True, candidates=K)
+    theirs = PixelClips(str(path), np.arange(12), labels[:12], train=True, candidates=K,
+                        augment="original")
+    flips = []
+    for i in range(12):
+        for data in (ours, theirs):
+            face, context, _, _ = data[i]
+            # The moving bright square of segment 0 sits at columns 0..39: a flip moves it right.
+            flips.append((data is theirs, bool(face[0, :, 80, :112].mean() < face[0, :, 80, 112:].mean()),
+                          bool(context[0, :, 80, :112].mean() < context[0, :, 80, 112:].mean())))
+    assert all(f == c for who, f, c in flips if not who)  # ours: one flip for both streams
+    assert any(f != c for who, f, c in flips if who)  # original: drawn for each stream
+    assert theirs[3][0].shape == (S, 3, 224, 224) and torch.equal(theirs[3][0], theirs[3][0])
+    assert not torch.equal(theirs[3][0], torch.from_numpy(raw[3][:, 0]).float() / 255)
+    with pytest.raises(CaerError, match="--augment"):
+        PixelClips(str(path), np.arange(2), labels[:2], train=True, augment="torchvision")
