@@ -43,7 +43,7 @@ def main(verbose: bool):
     Before:            index      a dataset folder as published -> the annotation CSV
     Stage one, once:   extract    clips -> per-frame CLIP features of face and context (a cache)
     Stage two, often:  train-head the temporal encoders, fusion and prompts, from the cache alone
-    Full recipe:       finetune   end to end, image encoder unfrozen at lr 1e-5
+    End to end:        finetune   image encoder unfrozen at lr 1e-5 (--init none: the paper's recipe)
     Results:           evaluate   UAR, WAR, per-class recall, confusion matrix
                        predict    labels for new clips, straight from video
     Also:              info, import-official (the authors' weights), demo (offline, minutes),
@@ -205,17 +205,24 @@ def train_head(**options):
 @main.command()
 @_train_config("FinetuneConfig")
 def finetune(**options):
-    """The paper's full recipe: train end to end with the image encoder unfrozen at lr 1e-5.
+    """Train end to end with the image encoder unfrozen at lr 1e-5.
 
     \b
+    --init none (the default) is the paper's recipe: everything trained jointly from scratch
+    for 20 epochs. --init RUN starts from a train-head run: caer-kit's two-stage recipe.
     In:  a cache built with `extract --pixels` (the stored 224x224 crops are re-encoded every
          step), optionally a train-head run to start from (--init)
     Out: a run directory like train-head's, with the fine-tuned CLIP in RUN/clip
-    Augmentation per clip, in DataLoader workers: one rotation within +-4 degrees, a
-    horizontal flip with p = 0.5, a random stored frame per segment. Multi-GPU/multi-node:
-    run it under torchrun (DistributedDataParallel; --batch-size is the global batch).
+    Augmentation per clip, in DataLoader workers, a random stored frame per segment and
+    --augment ours: one rotation within +-4 degrees and one horizontal flip (p = 0.5) for
+    both streams; --augment original: drawn for each stream on its own, as the original
+    code (docs/reproducing.md). Multi-GPU/multi-node: run it under torchrun
+    (DistributedDataParallel; --batch-size is the global batch).
     Example:
-      python cli.py finetune --cache raer.zarr --init runs/head --out runs/ft
+      python cli.py finetune --cache raer.zarr --init none --out runs/ft
+      python cli.py finetune --cache raer.zarr --init none --drop-last --augment original \\
+          --val-fraction 0 --select last --out runs/ft-as-original
+      python cli.py finetune --cache raer.zarr --init runs/head --out runs/ft2
       torchrun --nproc-per-node 4 cli.py finetune --cache raer.zarr --init none --out runs/ft
     """
     from heads.train import FinetuneConfig, finetune as run_finetune

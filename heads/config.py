@@ -38,7 +38,8 @@ class TrainConfig:
     val_seed: int = field(default=0, metadata={
         "help": "Seed of that split: the same for every --seeds run."})
     select: str = field(default="val-uar", metadata={
-        "help": "Saved weights: val-uar (best validation epoch) | last."})
+        "help": "Saved weights: val-uar (best validation epoch) | last. --val-fraction 0 "
+                "--select last is the original's protocol without its test-set selection."})
     seeds: tuple[int, ...] = field(default=(42,), metadata={
         "help": "One run per seed (RUN/seed-N/ and RUN/summary.json when more than one)."})
     max_steps: int | None = field(default=None, metadata={

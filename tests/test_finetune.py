@@ -308,3 +308,5 @@ def test_original_augmentation_draws_each_stream_on_its_own(tmp_path):
     assert not torch.equal(theirs[3][0], torch.from_numpy(raw[3][:, 0]).float() / 255)
     with pytest.raises(CaerError, match="--augment"):
         PixelClips(str(path), np.arange(2), labels[:2], train=True, augment="torchvision")
+    finetune(ft_config(path, tmp_path / "run", augment="original", epochs=1, max_steps=2))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["augment"] == "original"
