@@ -55,11 +55,12 @@ def main(verbose: bool):
                         format="%(levelname)s: %(message)s")
 
 
-def _dataclass_options(config_class, required=("cache", "out")):
+def _dataclass_options(config_class, required=("cache", "out"), exclude=()):
     """Click options from a config dataclass: one --flag per field, with the field's default
     and its metadata's help, metavar and choices. Booleans are flags; tuple[str, ...] fields
     repeat (--annotations A --annotations B); tuple[int, ...] fields take 10,15. A field
-    whose metadata says argument=True is a positional argument instead."""
+    whose metadata says argument=True is a positional argument instead. Fields in ``exclude``
+    or with ``cli: False`` metadata get no flag."""
     import dataclasses
     import typing
 
@@ -76,6 +77,8 @@ def _dataclass_options(config_class, required=("cache", "out")):
 
     def decorate(command):
         for f in reversed(dataclasses.fields(config_class)):
+            if f.name in exclude or f.metadata.get("cli", True) is False:
+                continue
             flag, meta = "--" + f.name.replace("_", "-"), f.metadata
             hint, default, needed = hints[f.name], f.default, f.name in required
             common = dict(help=meta.get("help", ""), metavar=meta.get("metavar"))
@@ -95,8 +98,9 @@ def _dataclass_options(config_class, required=("cache", "out")):
             else:
                 base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
                 kind = click.Choice(meta["choices"]) if "choices" in meta else base[0]
+                shown = default not in (None, "") and not needed
                 option = click.option(flag, f.name, type=kind, default=default, required=needed,
-                                      show_default=default is not None and not needed, **common)
+                                      show_default=shown, **common)
             command = option(command)
         return command
     return decorate
@@ -228,6 +232,53 @@ def finetune(**options):
     from heads.train import FinetuneConfig, finetune as run_finetune
 
     run_finetune(FinetuneConfig(**options))
+
+
+# ---------------------------------------------------------------- ablate, explain (issue 15)
+
+def _ablate_options(command):
+    from heads.config import ABLATE_SETS, AblateConfig, TrainConfig
+
+    command = _dataclass_options(TrainConfig, required=(), exclude=ABLATE_SETS)(command)
+    return _dataclass_options(AblateConfig)(command)
+
+
+@main.command()
+@_ablate_options
+def ablate(**options):
+    """A grid of train-head runs over one cache, scored on test, with baselines and a summary.
+
+    \b
+    In:  a cache from `extract`
+    Out: DIR/runs/<configuration>/seed-N (ordinary train-head runs, scored in RUN/eval/test),
+         DIR/results.csv (one row per run: method, n_ctx, temporal_layers, streams, seed,
+         val_uar, test_uar, test_war, run), DIR/summary.csv (per configuration: n_seeds and
+         the mean and sample std, ddof 1, of each score), DIR/summary.md (mean ± std, best in
+         bold), DIR/summary.png (test UAR with error bars, baselines as lines)
+    The grid is the product of --n-ctx, --temporal-layers and --streams (comma lists), or
+    --grid table6, times --seeds. Every run selects its weights on the validation split as
+    train-head does; the test split is only scored. Baselines: zero-shot (CLIP's text
+    features of the descriptors against the mean frame features) and linear-probe (logistic
+    regression on mean-pooled face + context features, C chosen on val). Every other
+    train-head option passes through to each run. Running the same command again skips
+    finished runs and resumes a killed one; a larger grid in the same DIR trains only its
+    new runs.
+    Example:
+      python cli.py ablate --cache raer.zarr --out ablate/ --grid table6 --seeds 42,43,44
+      python cli.py ablate --cache raer.zarr --out ablate/ --n-ctx 4,8 --streams face,both \\
+          --epochs 10
+    """
+    import dataclasses
+
+    from heads.ablate import run_ablate
+    from heads.config import AblateConfig, TrainConfig
+
+    own = {f.name for f in dataclasses.fields(AblateConfig)}
+    train = TrainConfig(**{k: v for k, v in options.items() if k not in own})
+    summary = run_ablate(AblateConfig(**{k: v for k, v in options.items() if k in own},
+                                      train=train))
+    click.echo(f"{len(summary['rows'])} rows; " + ", ".join(
+        str(path) for path in summary["files"].values()))
 
 
 @main.command()

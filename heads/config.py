@@ -78,3 +78,62 @@ class FinetuneConfig(TrainConfig):
                 "clip, shared by face and context. original: as the original code, rotation "
                 "and flip drawn for each stream on its own, PIL's nearest rotation, the face "
                 "rotated as its raw crop (squashed caches)."})
+
+
+# ============================================================================ ablate, explain
+# (issue 15) The grid axes are strings, not tuples: an empty value means "the grid's own
+# default" (8 tokens / 1 layer / both streams; --grid table6 its own rows), which a tuple
+# default could not tell apart from the same value given explicitly.
+
+# train-head options that ablate sets itself per run (the grid axes, the run directory).
+ABLATE_SETS = ("cache", "out", "n_ctx", "temporal_layers", "streams", "seeds", "resume")
+GRIDS = ("product", "table6")
+BASELINES = ("zero-shot", "linear-probe")
+
+
+@dataclass
+class AblateConfig:
+    """ablate options. ``train`` carries every other train-head option to each run."""
+
+    cache: str = field(default="", metadata={"help": "Cache from `extract`."})
+    out: str = field(default="", metadata={
+        "help": "Directory for runs/, results.csv, summary.csv, summary.md, summary.png; "
+                "running again resumes, a larger grid adds only its new runs."})
+    grid: str = field(default="product", metadata={
+        "choices": list(GRIDS),
+        "help": "product: every combination of the lists below; table6: the paper's Table 6 "
+                "rows (1, 2, 3 layers at 8 tokens; 4, 8, 12, 16 tokens at 1 layer) with "
+                "--streams face,both."})
+    n_ctx: str = field(default="", metadata={
+        "metavar": "LIST", "help": "Prompt context lengths, comma-separated [default: 8]."})
+    temporal_layers: str = field(default="", metadata={
+        "metavar": "LIST", "help": "Temporal transformer depths, comma-separated [default: 1]."})
+    streams: str = field(default="", metadata={
+        "metavar": "LIST", "help": "Any of both, face, context, comma-separated "
+                                   "[default: both; with --grid table6: face,both]."})
+    seeds: tuple[int, ...] = field(default=(42,), metadata={
+        "help": "One run per seed and configuration (comma-separated)."})
+    baselines: str = field(default="zero-shot,linear-probe", metadata={
+        "metavar": "LIST", "help": "zero-shot, linear-probe (comma-separated), or none."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"cli": False})
+
+
+@dataclass
+class ExplainConfig:
+    """explain options: Grad-CAM maps and temporal attention of a run, per clip."""
+
+    run: str = field(default="", metadata={"help": "Run directory (train-head, finetune, ...)."})
+    out: str = field(default="", metadata={
+        "help": "Directory for one .npz and .png per clip, index.csv and index.html."})
+    cache: str | None = field(default=None, metadata={
+        "help": "Explain clips of this cache (with --ids or --split)."})
+    ids: tuple[str, ...] = field(default=(), metadata={
+        "metavar": "ID", "help": "A clip id of --cache (repeat the option for more)."})
+    split: str | None = field(default=None, metadata={
+        "help": "Explain the clips of this split of --cache (see --limit)."})
+    limit: int | None = field(default=None, metadata={
+        "help": "At most this many clips of --split, in store order [default: all]."})
+    target: str | None = field(default=None, metadata={
+        "metavar": "CLASS", "help": "Explain this class's logit [default: the predicted class]."})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:1, ..."})
+    paths: tuple[str, ...] = field(default=(), metadata={"cli": False})
