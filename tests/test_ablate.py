@@ -97,7 +97,7 @@ def test_files_columns_and_sample_std(tmp_path):
     assert sorted(results[results["method"] == "zero-shot"]["streams"]) == ["both", "face"]
     for row in runs.itertuples():
         run = Path(row.run)
-        assert run == out / "runs" / f"ctx4-layers1-{row.streams}" / f"seed-{row.seed}"
+        assert run == out / "runs" / f"ctx4-layers1-{row.streams}" / f"seed-{int(row.seed)}"
         config = json.loads((run / "config.json").read_text())
         assert config["kind"] == "train-head"  # an ordinary train-head run
         assert config["train"]["lr_temporal"] == 0.005 and config["train"]["epochs"] == 2
