@@ -281,6 +281,39 @@ def ablate(**options):
         str(path) for path in summary["files"].values()))
 
 
+def _explain_options(command):
+    from heads.config import ExplainConfig
+
+    return _dataclass_options(ExplainConfig, required=("run", "out"))(command)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, type=click.Path())
+@_explain_options
+def explain(paths, **options):
+    """Grad-CAM maps and temporal attention of a run for some clips (the paper's Fig. 9).
+
+    \b
+    In:  a run, and clips: of a cache (--cache with --ids or --split [--limit]) or given as
+         paths (video files, frame folders)
+    Out: DIR/<file>.npz per clip (face_cam, context_cam [S, H, W] on the crops evaluate
+         scores; face_attention, context_attention [S]; probs [C]; target), a PNG per clip
+         (frames in order, maps over the crops, attention as bars), DIR/index.csv (id, file,
+         label, prediction, probability) and DIR/index.html
+    The maps explain the predicted class's logit, or --target's: Grad-CAM at the last vision
+    block's first LayerNorm (patch tokens), the text features held fixed. Crops come from the
+    cache's --pixels; without them each clip is re-decoded with the cache's preprocessing.
+    Example:
+      python cli.py explain --run runs/head --cache raer.zarr --split test --limit 8 --out cams/
+      python cli.py explain --run runs/head clip1.mp4 --out cams/ --target Distraction
+    """
+    from heads.config import ExplainConfig
+    from heads.explain import explain as run_explain
+
+    result = run_explain(ExplainConfig(**options, paths=tuple(paths)))
+    click.echo(f"explained {len(result['clips'])} clips -> {result['out']}/index.html")
+
+
 @main.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(),
               help="Run directory from train-head, finetune or import-official.")
