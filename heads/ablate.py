@@ -207,7 +207,8 @@ def run_ablate(config: AblateConfig) -> dict:
             baseline_rows += base.zero_shot(store, splits, streams)
         if "linear-probe" in baselines:
             probe = base.linear_probe(store, splits)
-            details["linear-probe"] = {"C": probe.pop("C"), "val_uar_by_c": probe.pop("val_uar_by_c"),
+            details["linear-probe"] = {"C": probe.pop("C"),
+                                       "val_uar_by_c": probe.pop("val_uar_by_c"),
                                        "C_tried": list(base.PROBE_C)}
             baseline_rows.append(probe)
     baseline_rows = [{**r, "n_ctx": None, "temporal_layers": None, "seed": None, "run": "",

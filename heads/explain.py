@@ -56,7 +56,8 @@ class Explanation:
         return {k: np.asarray(getattr(self, k)) for k in NPZ_KEYS}
 
 
-def grad_cam(activation: torch.Tensor, gradient: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def grad_cam(activation: torch.Tensor, gradient: torch.Tensor,
+             size: tuple[int, int]) -> torch.Tensor:
     """Tokens ``[S, 1 + P, C]`` (CLS first) and their gradient -> maps ``[S, H, W]``."""
     a, g = activation[:, 1:], gradient[:, 1:]
     weights = g.mean(dim=1, keepdim=True)  # per frame and channel, averaged over the patches

@@ -111,7 +111,8 @@ def _redecode(cfg: ExplainConfig, fp: dict, path: str, frames: np.ndarray, boxes
     task = {"index": 0, "path": path, "listed_frames": -1, "segments": int(fp["segments"]),
             "candidates": int(fp["candidates"]), "face_model": fp.get("face_model", "full"),
             "min_face_score": fp.get("min_face_score", 0.5),
-            "face_margin": fp.get("face_margin", 20), "face_resize": fp.get("face_resize", "squash"),
+            "face_margin": fp.get("face_margin", 20),
+            "face_resize": fp.get("face_resize", "squash"),
             "image_size": int(fp.get("image_size", 224)), "boxes": stored}
     crops = prepare_clip(task)
     if crops["status"] != "ok":

@@ -314,6 +314,7 @@ def build_demo_dataset(root: str | Path, clips_per_class: int = 14, seed: int = 
 # ================================================================================ the demo
 
 DEMO_CLIP = "random:tiny"
+STAGES = 6
 MARKER = ".caer-demo"  # marks a directory the demo wrote, so that a rerun may replace it
 
 
@@ -367,8 +368,8 @@ def _short(value) -> str:
 def _stage(number: int, name: str, text: str = "") -> None:
     import click
 
-    click.echo(click.style(f"[{number}/4] {name}", bold=True) + (f"  {text}" if text else ""),
-               err=False)
+    click.echo(click.style(f"[{number}/{STAGES}] {name}", bold=True)
+               + (f"  {text}" if text else ""), err=False)
 
 
 def _prepare_out(out: Path) -> None:
@@ -410,7 +411,7 @@ def run_demo(config: DemoConfig) -> dict:
         torch.set_num_threads(1)
     echo = click.echo
     echo("caer-kit demo: a small dataset cut from real footage, then extract -> train-head "
-         "-> evaluate,\nfully offline, with an UNTRAINED CLIP (random:tiny).\n")
+         "-> evaluate -> ablate -> explain,\nfully offline, with an UNTRAINED CLIP (random:tiny).\n")
 
     # ---------------------------------------------------------------- 1. dataset
     _stage(1, "dataset", f"{len(CLASSES)} scenes x {config.clips_per_class} clips from "
@@ -485,9 +486,14 @@ def run_demo(config: DemoConfig) -> dict:
     echo(format_evaluation(evaluation))
     uar = evaluation.report.uar
     png = report_dir / "confusion_matrix.png"
+    from pipeline.demo_analyses import run_analyses
+
+    analyses = run_analyses(config, cache, run, out, echo)
     seconds = time.perf_counter() - start
     chance = 1 / len(CLASSES)
-    echo(f"\nconfusion matrix: {png}\ntraining curves:  {run / 'curves.png'}\n")
+    echo(f"\nconfusion matrix: {png}\ntraining curves:  {run / 'curves.png'}\n"
+         f"ablation table:   {analyses['ablate_summary']}\n"
+         f"Grad-CAM picture: {analyses['explain_png']}\n")
     echo(click.style("What these numbers mean.", bold=True)
          + " random:tiny is an UNTRAINED CLIP: its features carry no learned\nmeaning, so this "
            "UAR says only that the pipeline runs end to end and that the head learns\nscenes "
@@ -515,6 +521,7 @@ def run_demo(config: DemoConfig) -> dict:
                    "war": evaluation.report.war, "chance": chance,
                    "selected_epoch": result.get("selected_epoch"),
                    "confusion_matrix": str(png), "report": str(report_dir / "report.json"),
-                   "run": str(run), "cache": str(cache)}
+                   "run": str(run), "cache": str(cache), **analyses}
     (out / "demo.json").write_text(json.dumps(summary_out, indent=2) + "\n", encoding="utf-8")
     return summary_out
+

@@ -148,8 +148,8 @@ def test_nothing_is_selected_on_the_test_split(tmp_path):
     frame_a, frame_b = pd.DataFrame(a["rows"]), pd.DataFrame(b["rows"])
     assert frame_a["val_uar"].tolist() == frame_b["val_uar"].tolist()
     assert frame_a["test_uar"].tolist() != frame_b["test_uar"].tolist()  # the test data differ
-    wa = load_file(str(tmp_path / "ab-a" / "runs" / "ctx8-layers1-both" / "seed-1" / "head.safetensors"))
-    wb = load_file(str(tmp_path / "ab-b" / "runs" / "ctx8-layers1-both" / "seed-1" / "head.safetensors"))
+    head = Path("runs") / "ctx8-layers1-both" / "seed-1" / "head.safetensors"
+    wa, wb = load_file(str(tmp_path / "ab-a" / head)), load_file(str(tmp_path / "ab-b" / head))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     ca = json.loads((tmp_path / "ab-a" / "ablate.json").read_text())["baseline_details"]
     cb = json.loads((tmp_path / "ab-b" / "ablate.json").read_text())["baseline_details"]
@@ -191,7 +191,8 @@ def test_killed_with_sigkill_then_rerun_gives_the_uninterrupted_results(tmp_path
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     # Killed inside the second run: the first is finished, the second has a checkpoint.
-    last = tmp_path / "killed" / "runs" / "ctx4-layers1-both" / "seed-2" / "checkpoints" / "last.json"
+    last = (tmp_path / "killed" / "runs" / "ctx4-layers1-both" / "seed-2" / "checkpoints"
+            / "last.json")
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and process.poll() is None and not last.is_file():
         time.sleep(0.005)

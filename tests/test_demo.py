@@ -176,7 +176,13 @@ def test_demo_command_end_to_end(tmp_path):
     joined = re.sub(r" \\\n\s+", " ", proc.stdout)  # undo the "\" line continuations
     shown = {line.split()[2]: shlex.split(line.strip())[2:]
              for line in joined.splitlines() if line.startswith("      python cli.py ")}
-    assert set(shown) == {"extract", "train-head", "evaluate"}
+    assert set(shown) == {"extract", "train-head", "evaluate", "ablate", "explain"}
+    results = (out / "ablate" / "results.csv").read_text().splitlines()
+    assert len(results) == 1 + 4 + 3  # header, 2 configurations x 2 seeds, 3 baseline rows
+    assert (out / "ablate" / "summary.png").is_file() and "**" in (
+        out / "ablate" / "summary.md").read_text()
+    assert Path(summary["explain_png"]).read_bytes()[:4] == b"\x89PNG"
+    assert (out / "explain" / "index.html").is_file()
     again = subprocess.run([sys.executable, str(ROOT / "cli.py"), *shown["extract"]],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr[-2000:]
