@@ -4,8 +4,8 @@ A full measurement is tens of hours on a 2-core CPU (36 train-head runs of 20 ep
 script measures what the total is made of, and projects it:
 
 - the train-head step time of each of Table 6's 12 configurations (n_ctx x temporal layers x
-  streams face/both), with random:vit-b-32 (the real ViT-B/32 text tower) and the RAER prompt
-  lengths of CLIP's real tokenizer, batch 8, 16 segments: the median of --steps steps after
+  streams face/both), with random:vit-b-32 (the real ViT-B/32 text tower; CLIP's own BPE, so the
+  RAER prompts have their real lengths), batch 8, 16 segments: the median of --steps steps after
   two warm-up steps, the same code as heads/train.py (per-clip dropout, SGD groups);
 - one validation pass (216 clips, the default 10% of RAER's 2,160 training clips) and one
   test evaluation (540 clips) of the default configuration, from features in RAM;
@@ -49,7 +49,6 @@ from pipeline.clip import build_random_clip  # noqa: E402
 from pipeline.labels import RAER5  # noqa: E402
 
 from bench_head import time_steps  # noqa: E402
-from bench_text_truncation import bpe_length_labels  # noqa: E402
 from common import environment, write_result  # noqa: E402
 
 
@@ -90,7 +89,7 @@ def main() -> None:
     result = {"benchmark": "ablate", "quick": args.quick, "clip": f"random:{args.clip}",
               **environment(), "load_average_before": os.getloadavg()}
     clip = build_random_clip(args.clip)
-    labels_set = bpe_length_labels() if args.clip != "tiny" else RAER5
+    labels_set = RAER5  # random: CLIPs tokenize with CLIP's own BPE: the real prompt lengths
     b, t, d = args.batch_size, args.segments, clip.feature_dim
     labels = torch.arange(b) % len(labels_set)
     features = [torch.randn(b, t, d) for _ in range(2)]
