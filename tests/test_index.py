@@ -294,6 +294,12 @@ def test_a_root_of_another_layout_names_it(layout, other, request, tmp_path):
     assert f"python cli.py index {other} {root}" in line and not (tmp_path / "x.csv").exists()
 
 
+def test_a_root_one_level_above_the_dataset_names_the_folder_below(daisee_root, tmp_path):
+    above = daisee_root.parent
+    line = _one_error_line(_index("daisee", above, "--out", tmp_path / "x.csv"))
+    assert f"{daisee_root} looks like it: python cli.py index daisee {daisee_root}" in line
+
+
 def test_out_is_never_overwritten_without_force_and_options_check_themselves(caer_root,
                                                                              tmp_path):
     out = tmp_path / "caer.csv"

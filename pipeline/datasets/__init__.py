@@ -75,20 +75,35 @@ def index_dataset(config: IndexConfig) -> IndexResult:
 
 def _check_layout(root: Path, layout: str, out: Path) -> None:
     """Exit 2 with one line naming the layout a wrong ROOT looks like."""
-    specific = [n for n in ("caer", "daisee", "dfew") if n != layout]
-    if layout == "folders":
-        # A CAER tree is also a fine folders tree; DAiSEE's and DFEW's are not.
-        specific.remove("caer")
-    elif LAYOUTS[layout].looks_like(root):
+    expected = LAYOUTS[layout].EXPECTED
+    if layout != "folders" and LAYOUTS[layout].looks_like(root):
         return
-    for name in specific + ([] if layout == "folders" else ["folders"]):
+    # A CAER tree is also a fine folders tree; DAiSEE's and DFEW's are not.
+    others = [n for n in ("caer", "daisee", "dfew") if n != layout and
+              not (layout == "folders" and n == "caer")]
+    for name in others:
         if LAYOUTS[name].looks_like(root):
-            raise LayoutError(f"{root}: not the {layout} layout ({LAYOUTS[layout].EXPECTED}); "
-                              f"it looks like the {name} layout: python cli.py index {name} "
-                              f"{shlex.quote(str(root))} --out {shlex.quote(str(out))}")
-    if layout != "folders" or not folders.looks_like(root):
-        raise LayoutError(f"{root}: not the {layout} layout ({LAYOUTS[layout].EXPECTED}) nor "
-                          f"any other that index knows")
+            raise LayoutError(f"{root}: not the {layout} layout ({expected}); it looks like the "
+                              f"{name} layout: {_command(name, root, out)}")
+    if layout == "folders":
+        if folders.looks_like(root):
+            return
+    else:
+        # Often ROOT is the folder the archive was unpacked into, one level above the dataset.
+        for below in (d for d in entries(root) if d.is_dir()):
+            if LAYOUTS[layout].looks_like(below):
+                raise LayoutError(f"{root}: not the {layout} layout ({expected}); {below} looks "
+                                  f"like it: {_command(layout, below, out)}")
+        if folders.looks_like(root):
+            raise LayoutError(f"{root}: not the {layout} layout ({expected}); it looks like the "
+                              f"folders layout: {_command('folders', root, out)}")
+    raise LayoutError(f"{root}: not the {layout} layout ({expected}) nor any other that index "
+                      f"knows")
+
+
+def _command(layout: str, root: Path, out: Path) -> str:
+    return (f"python cli.py index {layout} {shlex.quote(str(root))} "
+            f"--out {shlex.quote(str(out))}")
 
 
 def _label_yaml(labels: LabelSet) -> str:
