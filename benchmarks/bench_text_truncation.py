@@ -8,7 +8,7 @@ the longest EOT instead of running all 77 positions (tests/test_model.py proves 
 Setup: the random:vit-b-32 text tower (the real ViT-B/32 shapes: 12 layers, width 512), the five
 RAER prompts with 8 context tokens, tokenized by CLIP's BPE tokenizer (which random: CLIPs use):
 EOT at positions 33, 32, 36, 36 and 37, as in the original code's tokenized prompts
-(../shared/reference/official-tiny). Each repeat times one forward + backward of the text side of
+(the authors' tiny reference checkpoint). Each repeat times one forward + backward of the text side of
 a training step; full and truncated runs alternate so that background load hits both alike.
 
 Example:

@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import __version__
-from pipeline.errors import CaerError
-from pipeline.labels import LabelSet, load_label_set
+from cache.core import __version__
+from cache.core.errors import CaerError
+from cache.core.labels import LabelSet, load_label_set
 
 FORMAT_VERSION = 1
 STATUS_NAMES = ("pending", "ok", "failed")  # stored as int8 codes 0, 1, 2

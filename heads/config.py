@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class TrainConfig:
-    """train-head options. Defaults are the paper's recipe (../shared/METHOD.md)."""
+    """train-head options. Defaults are the paper's recipe (docs/reproducing.md)."""
 
     cache: str = field(default="", metadata={"help": "Cache from `extract`."})
     out: str = field(default="", metadata={"help": "Run directory to write."})

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cache.core.text import natural_key
+
 log = logging.getLogger("caer")
 
 # The exact key set of Report.to_dict(); tests assert it so downstream scripts can rely on it.
@@ -122,7 +124,7 @@ def compute_grouped(y_true, y_pred, classes: list[str], groups, group_by: str) -
     report.groups = {}
     # Per-group absences are expected (a context may never show some emotion): one debug line
     # each instead of a warning per group; the report lists them.
-    for key in sorted(set(groups.tolist()), key=_natural_key):
+    for key in sorted(set(groups.tolist()), key=natural_key):
         mask = groups == key
         report.groups[key] = compute_report(y_true[mask], y_pred[mask], classes, warn=False)
         if report.groups[key].absent_classes:
@@ -138,22 +140,22 @@ def format_table(report: Report) -> str:
              f"  {'predicted':>9}"]
     for name, m in report.per_class.items():
         note = "  (absent: not in UAR)" if m.recall is None else ""
-        lines.append(f"{name:<{width}}  {_pct(m.recall):>7}  {_pct(m.precision):>9}  "
-                     f"{_pct(m.f1):>7}  {m.support:>7}  {m.predicted:>9}{note}")
+        lines.append(f"{name:<{width}}  {pct(m.recall):>7}  {pct(m.precision):>9}  "
+                     f"{pct(m.f1):>7}  {m.support:>7}  {m.predicted:>9}{note}")
     present = len(report.classes) - len(report.absent_classes)
     lines.append("")
-    lines.append(f"UAR {_pct(report.uar)} %  (mean recall over {present} of "
+    lines.append(f"UAR {pct(report.uar)} %  (mean recall over {present} of "
                  f"{len(report.classes)} classes"
                  + (f"; absent: {', '.join(report.absent_classes)})" if report.absent_classes
                     else ")"))
-    lines.append(f"WAR {_pct(report.war)} %  (accuracy over {report.n} clips)")
+    lines.append(f"WAR {pct(report.war)} %  (accuracy over {report.n} clips)")
     if report.groups:
         gw = max([len(report.group_by or "group")] + [len(k) for k in report.groups])
         lines.append("")
         lines.append(f"{report.group_by or 'group':<{gw}}  {'n':>6}  {'UAR %':>7}  {'WAR %':>7}"
                      f"  absent classes")
         for key, g in report.groups.items():
-            lines.append(f"{key:<{gw}}  {g.n:>6}  {_pct(g.uar):>7}  {_pct(g.war):>7}  "
+            lines.append(f"{key:<{gw}}  {g.n:>6}  {pct(g.uar):>7}  {pct(g.war):>7}  "
                          f"{', '.join(g.absent_classes) or '-'}")
     return "\n".join(lines)
 
@@ -190,7 +192,7 @@ def plot_confusion(report: Report, path: str | Path, title: str | None = None) -
             ax.text(j, i, f"{counts[i, j]}{share}", ha="center", va="center", color=colour,
                     fontsize=font)
     if title is None:
-        title = f"UAR {_pct(report.uar)} %   WAR {_pct(report.war)} %   n = {report.n}"
+        title = f"UAR {pct(report.uar)} %   WAR {pct(report.war)} %   n = {report.n}"
     ax.set_title(title)
     fig.tight_layout()
     path = Path(path)
@@ -202,7 +204,8 @@ def _ratio(num, den) -> float | None:
     return float(num) / float(den) if den else None
 
 
-def _pct(value: float | None) -> str:
+def pct(value: float | None) -> str:
+    """A share as a percentage with two decimals; "-" when there is none (no clips, NaN)."""
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) \
         else f"{100 * value:.2f}"
 
@@ -213,8 +216,3 @@ def _group_key(value) -> str:
     missing = pd.api.types.is_scalar(value) and (pd.isna(value) or str(value).strip() == "")
     return "(missing)" if missing else str(value)
 
-
-def _natural_key(text: str):
-    import re
-
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", text)]

@@ -1,5 +1,5 @@
 """The CLIP-CAER model: two temporal transformers, a fusion layer, a prompt learner and a
-frozen CLIP text tower (../shared/METHOD.md, "Model").
+frozen CLIP text tower (the paper's model; docs/reproducing.md).
 
     face frames    -> CLIP image encoder -> face_temporal    --\\
                                                                 concat -> fusion -> L2 norm = video

@@ -1,3 +1,3 @@
 """Stage one: clips -> frames -> face and context crops -> CLIP features (written by cache/)."""
 
-__version__ = "0.1.0"
+from cache.core import __version__  # noqa: F401

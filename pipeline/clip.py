@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from pipeline.config import DEFAULT_CLIP
-from pipeline.errors import CaerError
+from cache.core.errors import CaerError, first_line
+# The resolvers live on the ground floor now; imported here for older callers.
+from cache.core.runtime import cpu_has_native_bf16, local_cuda_device, resolve_precision  # noqa: F401
 from pipeline.tokenizer import VOCAB_SIZE, clean_text, clip_tokenizer
 
 log = logging.getLogger("caer")
@@ -46,7 +48,7 @@ class RandomClipShape:
 
 # Heads follow OpenAI's rule (width // 64), so "vit-b-32" has exactly the real model's shapes.
 RANDOM_SHAPES = {
-    # Same shape as ../shared/reference/official-tiny: 512-d features, 64-wide towers.
+    # Same shape as the authors' tiny reference checkpoint: 512-d features, 64-wide towers.
     "tiny": RandomClipShape(512, 224, 32, 64, 1, 64, 1),
     "vit-b-32": RandomClipShape(512, 224, 32, 768, 12, 512, 12),
     "vit-b-16": RandomClipShape(512, 224, 16, 768, 12, 512, 12),
@@ -69,10 +71,6 @@ class LoadedClip:
     @property
     def image_size(self) -> int:
         return int(self.model.config.vision_config.image_size)
-
-    @property
-    def is_random(self) -> bool:
-        return self.spec.startswith("random:")
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected CLS embeddings of already-normalised images ``[N, 3, H, W]``."""
@@ -143,51 +141,6 @@ def build_random_clip(shape: str, seed: int = RANDOM_SEED) -> LoadedClip:
     return LoadedClip(model, clip_tokenizer(s.context_length), f"random:{shape}", f"seed{seed}-{weights_digest(model)}")
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def _cuda_has_native_bf16() -> bool:
-    # torch's default also says yes where bf16 is only emulated (before Ampere: V100, T4).
-    return torch.cuda.is_bf16_supported(including_emulation=False)
-
-
-def local_cuda_device() -> torch.device:
-    """This process's GPU: cuda:LOCAL_RANK under torchrun, cuda:0 when the launcher gives each
-    process one GPU of its own (CUDA_VISIBLE_DEVICES per rank, as Slurm does)."""
-    local, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's processes on this node
-    if count == 1 and per_node == 1:
-        return torch.device("cuda", 0)
-    if local >= count or per_node > count:
-        raise CaerError(f"LOCAL_RANK {local} of {per_node} process(es) on this node, but {count} "
-                        f"visible GPU(s): start at most {count} per node (torchrun "
-                        f"--nproc-per-node {count})")
-    return torch.device("cuda", local)
-
-
-def resolve_precision(precision: str, device_type: str) -> str:
-    """The precision CLIP runs at: ``auto`` is bf16 on CUDA when the GPU has it (else fp16),
-    bf16 on a CPU with native bf16, else fp32."""
-    if precision == "auto":
-        if device_type == "cuda":
-            return "bf16" if _cuda_has_native_bf16() else "fp16"
-        return "bf16" if cpu_has_native_bf16() else "fp32"
-    if precision == "bf16" and device_type == "cuda" and not _cuda_has_native_bf16():
-        raise CaerError("--precision bf16: this GPU has no bf16; use fp16 or fp32")
-    if precision == "bf16" and device_type == "cpu" and not cpu_has_native_bf16():
-        # Without AVX512-BF16/AMX torch falls back to a slow bf16 matmul, worst in backward.
-        log.warning("--precision bf16: this CPU has no native bf16 (AVX512-BF16/AMX), so torch "
-                    "emulates it: a finetune step measured 34x slower than fp32 on such a CPU "
-                    "(docs/benchmarks.md); --precision auto picks fp32 here")
-    return precision
-
-
 def weights_digest(model: torch.nn.Module) -> str:
     """A short hash of every parameter, so a fingerprint names the exact weights."""
     h = hashlib.sha256()
@@ -232,11 +185,11 @@ def _load_pretrained(source: str, spec: str, local: bool) -> LoadedClip:
         tokenizer = AutoTokenizer.from_pretrained(source, **cached_only)
     except OSError as err:
         if local:
-            raise ClipLoadError(f"--clip {spec}: not a loadable CLIP directory ({_first_line(err)}); "
+            raise ClipLoadError(f"--clip {spec}: not a loadable CLIP directory ({first_line(err)}); "
                                 f"it must hold what CLIPModel.save_pretrained and the tokenizer's "
                                 f"save_pretrained write") from None
         raise ClipLoadError(
-            f"--clip {spec}: cannot load from the Hugging Face hub ({_first_line(err)}). "
+            f"--clip {spec}: cannot load from the Hugging Face hub ({first_line(err)}). "
             f"Offline? Set HF_HUB_OFFLINE=1 to use a copy already in the local cache, or pass a "
             f"local directory written by save_pretrained (--clip /path/to/clip).") from None
     model.eval()
@@ -264,8 +217,3 @@ def _hub_reachable() -> bool:
         return True
     except OSError:
         return False
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__

@@ -1,12 +1,3 @@
-"""The one exception type the CLI turns into a one-line message and an exit status."""
+"""Moved to cache.core.errors (the ground floor); kept so that older imports still work."""
 
-
-class CaerError(Exception):
-    """Bad input or a refused request. ``str(err)`` is the whole message a user sees."""
-
-    exit_code = 2
-
-    def __init__(self, message: str, exit_code: int | None = None):
-        super().__init__(message)
-        if exit_code is not None:
-            self.exit_code = exit_code
+from cache.core.errors import CaerError, first_line  # noqa: F401

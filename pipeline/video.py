@@ -16,13 +16,14 @@ default stream (the container's disposition flag), else from its largest one; co
 from __future__ import annotations
 
 import bisect
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import CaerError
+from cache.core.errors import CaerError, first_line
+from cache.core.text import natural_key  # noqa: F401 - pipeline.video.natural_key for older callers
+from cache.frames import middle_candidate  # noqa: F401 - likewise
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -51,17 +52,6 @@ class ClipInfo:
     files: list[str] | None = field(default=None, repr=False)      # image names (folder only)
     stream_index: int = 0          # the container's index of the stream read (video only)
     note: str = ""                 # what the reader chose for the user, e.g. which stream
-
-
-def natural_key(name: str) -> list:
-    """Sort key that orders digit runs by value: "frame2.jpg" < "frame10.jpg"."""
-    # re.split with a group alternates text and digit runs: odd positions are the numbers.
-    return [int(part) if i % 2 else part.lower() for i, part in enumerate(re.split(r"(\d+)", name))]
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 # ---------------------------------------------------------------------------------------- probe
@@ -113,7 +103,7 @@ def _probe_video(path: Path) -> ClipInfo:
         try:
             container = av.open(str(path))
         except Exception as err:
-            raise ClipError(f"not a video: {_first_line(err)}") from None
+            raise ClipError(f"not a video: {first_line(err)}") from None
         if not container.streams.video:
             container.close()
             raise ClipError("no video stream")
@@ -234,12 +224,6 @@ def sample_indices(n_frames: int, segments: int = 16, candidates: int = 1) -> np
     return np.minimum(positions.astype(np.int64), n_frames - 1)
 
 
-def middle_candidate(candidates: int) -> int:
-    """The candidate used at evaluation: the middle one (for odd K, the segment's middle frame;
-    for even K, the first candidate after the middle)."""
-    return candidates // 2
-
-
 # ---------------------------------------------------------------------------------- reading
 
 class Frames(dict):
@@ -286,7 +270,7 @@ def _read_folder(path: Path, info: ClipInfo, wanted: list[int]) -> Frames:
             with Image.open(path / files[i]) as img:
                 out[i] = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
         except Exception as err:
-            raise ClipError(f"unreadable image {files[i]}: {_first_line(err)}") from None
+            raise ClipError(f"unreadable image {files[i]}: {first_line(err)}") from None
     return out
 
 
@@ -308,7 +292,7 @@ def _read_video(path: Path, info: ClipInfo, wanted: list[int], seek_min_gap: int
     try:
         container = av.open(str(path))
     except Exception as err:
-        raise ClipError(f"not a video: {_first_line(err)}") from None
+        raise ClipError(f"not a video: {first_line(err)}") from None
     with container:
         stream = next((s for s in container.streams.video if s.index == info.stream_index),
                       None)

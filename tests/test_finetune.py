@@ -152,7 +152,7 @@ def test_bf16_autocast_runs_on_cpu(pixel_cache, tmp_path):
 
 
 def test_precision_auto_follows_the_cpu_and_emulated_bf16_is_warned(monkeypatch, caplog):
-    import pipeline.clip as clip_module
+    import cache.core.runtime as clip_module
 
     monkeypatch.setattr(clip_module, "cpu_has_native_bf16", lambda: False)
     assert resolve_precision("auto", "cpu") == "fp32"
