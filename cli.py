@@ -84,8 +84,10 @@ def _dataclass_options(config_class, required=("cache", "out"), exclude=()):
             common = dict(help=meta.get("help", ""), metavar=meta.get("metavar"))
             if meta.get("argument"):  # positional; click arguments take no help text
                 kind = click.Choice(meta["choices"]) if "choices" in meta else None
+                many = typing.get_origin(hint) is tuple  # PATHS...: one or more
                 option = click.argument(f.name, type=kind, required=needed,
-                                        default=None if needed else default,
+                                        nargs=-1 if many else 1,
+                                        default=None if needed or many else default,
                                         metavar=meta.get("metavar") or f.name.upper())
             elif hint is bool:
                 option = click.option(flag, f.name, is_flag=True, default=default,
@@ -177,14 +179,15 @@ def info(cache, as_json, show_all):
         click.echo(info_text(data, show_all=show_all))
 
 
-def _train_config(config_class):
+def _heads_options(config_class, required=("cache", "out")):
+    """The options of a config class in heads/config.py (imported when the CLI builds them)."""
     from heads import config
 
-    return _dataclass_options(getattr(config, config_class))
+    return _dataclass_options(getattr(config, config_class), required=required)
 
 
 @main.command("train-head")
-@_train_config("TrainConfig")
+@_heads_options("TrainConfig")
 def train_head(**options):
     """Train the temporal encoders, fusion layer and prompts on cached features only.
 
@@ -207,7 +210,7 @@ def train_head(**options):
 
 
 @main.command()
-@_train_config("FinetuneConfig")
+@_heads_options("FinetuneConfig")
 def finetune(**options):
     """Train end to end with the image encoder unfrozen at lr 1e-5.
 
@@ -315,23 +318,8 @@ def explain(paths, **options):
 
 
 @main.command()
-@click.option("--run", "run_dir", required=True, type=click.Path(),
-              help="Run directory from train-head, finetune or import-official.")
-@click.option("--cache", required=True, type=click.Path(),
-              help="Cache from extract (.zarr or .h5); must match the run's CLIP and "
-                   "preprocessing, else the command that builds a matching one is printed.")
-@click.option("--split", default="test", show_default=True, help="Manifest split to score.")
-@click.option("--out", type=click.Path(), default=None,
-              help="Directory for report.json, predictions.csv, confusion_matrix.png "
-                   "[default: RUN/eval/<cache name>-<split>].")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print the report as JSON on stdout (and nothing else there).")
-@click.option("--group-by", default=None, metavar="COLUMN",
-              help="Also score each value of this manifest metadata column (e.g. scene).")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
-              help="Clips per forward pass.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
-def evaluate(run_dir, cache, split, out, as_json, group_by, batch_size, device):
+@_heads_options("EvaluateConfig", required=("run", "cache"))
+def evaluate(**options):
     """UAR, WAR, per-class recall/precision/F1 and the confusion matrix of a run on a cache.
 
     \b
@@ -346,25 +334,20 @@ def evaluate(run_dir, cache, split, out, as_json, group_by, batch_size, device):
     """
     import json
 
-    from heads.evaluate import EvaluateConfig, evaluate as run_evaluation, format_evaluation
+    from heads.config import EvaluateConfig
+    from heads.evaluate import evaluate as run_evaluation, format_evaluation
 
-    cfg = EvaluateConfig(run=run_dir, cache=cache, split=split, out=out, group_by=group_by,
-                         batch_size=batch_size, device=device)
+    cfg = EvaluateConfig(**options)
     result = run_evaluation(cfg)
-    if as_json:
+    if cfg.json:
         click.echo(json.dumps(result.report.to_dict(), indent=2, allow_nan=False))
     else:
         click.echo(format_evaluation(result))
 
 
 @main.command()
-@click.option("--run", "run_dir", required=True, type=click.Path(),
-              help="Run directory from train-head, finetune or import-official.")
-@click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--json", "as_json", is_flag=True,
-              help="Print the predictions as JSON on stdout (and nothing else there).")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
-def predict(run_dir, paths, as_json, device):
+@_heads_options("PredictConfig", required=("run", "paths"))
+def predict(**options):
     """Label new clips (video files or frame folders) straight from disk with a trained run.
 
     \b
@@ -379,10 +362,12 @@ def predict(run_dir, paths, as_json, device):
     """
     import json
 
-    from heads.predict import PredictConfig, format_predictions, predict as run_predict
+    from heads.config import PredictConfig
+    from heads.predict import format_predictions, predict as run_predict
 
-    result = run_predict(PredictConfig(run=run_dir, paths=tuple(paths), device=device))
-    if as_json:
+    cfg = PredictConfig(**options)
+    result = run_predict(cfg)
+    if cfg.json:
         click.echo(json.dumps(result.to_dict(), indent=2, allow_nan=False))
     else:
         click.echo(format_predictions(result))
@@ -390,12 +375,8 @@ def predict(run_dir, paths, as_json, device):
 
 
 @main.command("import-official")
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("--out", required=True, type=click.Path(), help="Run directory to write.")
-@click.option("--labels", default="raer5", show_default=True,
-              help="Label set the checkpoint was trained with: raer5, caer7 or a YAML/JSON file.")
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
-def import_official(checkpoint, out, labels, force):
+@_heads_options("ImportOfficialConfig", required=("checkpoint", "out"))
+def import_official(**options):
     """Convert a checkpoint of the original CLIP-CAER release into a caer-kit run.
 
     \b
@@ -412,27 +393,17 @@ def import_official(checkpoint, out, labels, force):
           --body-boxes body_detection_result.json --cache raer-official.zarr
       python cli.py evaluate --run runs/official --cache raer-official.zarr --split test
     """
+    from heads.config import ImportOfficialConfig
     from heads.official import import_official as run_import
 
-    path = run_import(checkpoint, out, labels=labels, force=force)
-    click.echo(f"imported {checkpoint} -> {path}")
+    cfg = ImportOfficialConfig(**options)
+    path = run_import(cfg)
+    click.echo(f"imported {cfg.checkpoint} -> {path}")
 
 
 @main.command()
-@click.option("--out", default="demo_out", show_default=True, type=click.Path(file_okay=False),
-              help="Directory for the dataset, cache, run and report (a previous demo "
-                   "directory is replaced; any other non-empty directory is refused).")
-@click.option("--clips-per-class", default=14, show_default=True, type=click.IntRange(min=8),
-              help="Clips per scene (2 val and 4 test each; the rest train).")
-@click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=1),
-              help="train-head epochs.")
-@click.option("--lr-temporal", default=1e-3, show_default=True, type=float,
-              help="train-head's lr of the temporal transformers (the paper's 1e-2 overfits "
-                   "the demo's 40 training clips).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the dataset's clip cuts.")
-@click.option("--workers", default=None, type=click.IntRange(min=0),
-              help="extract's decode/face-detection processes [default: as extract's].")
-def demo(out, clips_per_class, epochs, lr_temporal, seed, workers):
+@_heads_options("DemoConfig", required=())
+def demo(**options):
     """Build a small offline dataset, then extract, train-head and evaluate it (minutes).
 
     \b
@@ -444,13 +415,10 @@ def demo(out, clips_per_class, epochs, lr_temporal, seed, workers):
     Example:
       python cli.py demo --out demo_out
     """
-    from pipeline.demo import DemoConfig, run_demo
+    from heads.config import DemoConfig
+    from pipeline.demo import run_demo
 
-    config = DemoConfig(out=out, clips_per_class=clips_per_class, seed=seed, epochs=epochs,
-                        lr_temporal=lr_temporal)
-    if workers is not None:
-        config.workers = workers
-    run_demo(config)
+    run_demo(DemoConfig(**options))
 
 
 # ------------------------------------------------------------------------------ index, labels

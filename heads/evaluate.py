@@ -25,6 +25,7 @@ import torch
 
 from cache import fingerprint_mismatch, open_store
 from cache.store import FINGERPRINT_DEFAULTS, FINGERPRINT_OPTIONS
+from heads.config import EvaluateConfig  # noqa: F401 - heads.evaluate.EvaluateConfig as before
 from heads.metrics import Report, compute_grouped, compute_report, format_table, plot_confusion
 from pipeline import __version__
 from pipeline.errors import CaerError
@@ -43,17 +44,6 @@ def reencodes_crops(run_config: dict) -> bool:
 # Differences from the training cache that shift the data but do not make it unusable (a test
 # set comes with its own boxes file): warned about, not refused.
 SOFT_FIELDS = ("face_model", "min_face_score")
-
-
-@dataclass
-class EvaluateConfig:
-    run: str
-    cache: str
-    split: str = "test"
-    out: str | None = None  # default: RUN/eval/<cache name>-<split>
-    group_by: str | None = None  # a manifest metadata column, e.g. scene
-    batch_size: int = 64
-    device: str = "cpu"
 
 
 @dataclass
@@ -228,6 +218,7 @@ def evaluate(cfg: EvaluateConfig, write: bool = True, progress: bool = True) -> 
     confusion_matrix.png. Every refusal happens before anything is computed or written."""
     from heads.run import read_run_config
 
+    cfg.validate()
     run_config = read_run_config(cfg.run)
     out = None
     if write:
@@ -247,8 +238,10 @@ def default_out(cfg: EvaluateConfig) -> Path:
 
 
 def check_device(device: str) -> None:
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise CaerError(f"--device {device}: no CUDA device is available (use --device cpu)")
+    """The one device resolver's refusal (cache.core.runtime), before anything is read."""
+    from cache.core.runtime import check_device as check
+
+    check(device)
 
 
 def _evaluate_store(cfg: EvaluateConfig, run_config: dict, store, progress: bool):

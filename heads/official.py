@@ -506,16 +506,16 @@ def prompt_token_ids_from_checkpoint(prefix: torch.Tensor, suffix: torch.Tensor,
     return torch.cat([head, ids], dim=1), exact
 
 
-def import_official(checkpoint: str | os.PathLike, out: str | os.PathLike, labels: str = "raer5",
-                    force: bool = False) -> Path:
-    """Convert a CLIP-CAER release checkpoint into a caer-kit run at ``out``."""
+def import_official(cfg: "ImportOfficialConfig") -> Path:  # noqa: F821 - heads.config
+    """Convert a CLIP-CAER release checkpoint into a caer-kit run at ``cfg.out``."""
     from heads.model import CaerModel, HeadConfig
     from heads.run import save_run
     from pipeline.clip import LoadedClip, weights_digest
     from pipeline.tokenizer import VOCAB_SIZE, clip_tokenizer
     from pipeline.labels import load_label_set
 
-    checkpoint, out = Path(checkpoint), Path(out)
+    cfg.validate()
+    checkpoint, out, labels, force = Path(cfg.checkpoint), Path(cfg.out), cfg.labels, cfg.force
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not force:
             raise CaerError(f"--out {out} exists and is not empty; choose another directory or "

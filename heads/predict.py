@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from heads.config import PredictConfig  # noqa: F401 - heads.predict.PredictConfig as before
 from pipeline.errors import CaerError
 
 log = logging.getLogger("caer")
@@ -28,13 +29,6 @@ log = logging.getLogger("caer")
 # normalize, face_resize and face_margin): pipeline.config.ExtractConfig's defaults.
 _FALLBACK = {"face_model": "full", "min_face_score": 0.5, "face_margin": 20,
              "face_resize": "squash"}
-
-
-@dataclass
-class PredictConfig:
-    run: str
-    paths: tuple[str, ...] = ()  # video files or folders of frames
-    device: str = "cpu"
 
 
 @dataclass
@@ -101,8 +95,7 @@ def predict(cfg: PredictConfig, progress: bool = True) -> Predictions:
     from heads.run import load_run, read_run_config
     from pipeline.prepare import prepare_clip
 
-    if not cfg.paths:
-        raise CaerError("no clip given: pass one or more video files or frame folders")
+    cfg.validate()
     run_config = read_run_config(cfg.run)
     check_device(cfg.device)
     model = load_run(cfg.run, device=cfg.device)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from heads.config import DemoConfig  # noqa: F401 - pipeline.demo.DemoConfig as before
 from pipeline.errors import CaerError
 
 FRAME_W, FRAME_H = 160, 120  # 4:3, even (yuv420p needs even sides)
@@ -318,22 +319,6 @@ STAGES = 6
 MARKER = ".caer-demo"  # marks a directory the demo wrote, so that a rerun may replace it
 
 
-@dataclass
-class DemoConfig:
-    """Options of ``python cli.py demo``."""
-
-    out: str = "demo_out"
-    clips_per_class: int = 14
-    seed: int = 0
-    epochs: int = 20
-    # The paper's 1e-2 suits RAER's ~2,200 training clips; on the demo's 40 the temporal
-    # transformers memorise the training set within a few epochs at 1e-2, and a tenth of it
-    # generalises better (test UAR 0.66 -> 0.79, mean of seeds 42-45).
-    lr_temporal: float = 1e-3
-    # extract's decode/face-detection processes; the same default as extract's
-    workers: int = max(1, min(4, (os.cpu_count() or 2) - 1))
-
-
 def _shell(args: list, width: int = 92, indent: str = "      ") -> str:
     """The command line, indented and wrapped before an option (``\\`` continuations) so that
     it can be pasted into a shell."""
@@ -396,6 +381,7 @@ def run_demo(config: DemoConfig) -> dict:
 
     import click
 
+    config.validate()
     start = time.perf_counter()
     out = Path(config.out).resolve()
     _prepare_out(out)  # refuses before anything heavy is imported or anything written
