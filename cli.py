@@ -163,7 +163,8 @@ def info(cache, as_json, show_all):
     """Summarise a cache: counts, failures with reasons, face-detection rate, fingerprint.
 
     \b
-    The JSON has n_clips, n_ok, n_failed, n_pending, face_rate, failures (id, path, reason),
+    The JSON has n_clips, n_ok, n_failed, n_pending, face_rate, boxes (what --face-boxes and
+    body boxes left without a box, or null), failures (id, path, reason),
     clips (id, path, label, split, status, face_rate), fingerprint and arrays.
     Example:
       python cli.py info raer.zarr --json

@@ -84,6 +84,10 @@ def run_preprocessing(run_config: dict, image_size: int) -> dict:
     if trained_on.get("face_boxes"):
         log.warning("the run was trained on faces from a --face-boxes file; predict finds faces "
                     "with the %s-range detector instead", values["face_model"])
+    if values["context"] == "body" and not str(trained_on.get("body_boxes")).startswith(
+            "detector:"):
+        log.warning("the run was trained on body boxes from a box file; predict crops the "
+                    "context to the person the built-in detector finds instead")
     return values
 
 

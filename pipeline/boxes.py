@@ -97,8 +97,9 @@ def _is_box(value) -> bool:
 
 
 def _norm_key(key: str) -> str:
-    return "/".join(path_parts(key)) if not str(key).replace("\\", "/").startswith("/") \
-        else "/" + "/".join(path_parts(key))
+    """One spelling per folder ("/a/b/", "/a//b" and "/a/b" are one key)."""
+    absolute = str(key).replace("\\", "/").startswith("/")
+    return ("/" if absolute else "") + "/".join(path_parts(key))
 
 
 def load_face_boxes(path: str) -> BoxFile:

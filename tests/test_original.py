@@ -465,3 +465,19 @@ def test_an_official_run_asks_for_a_preset_original_cache(tmp_path):
     assert fingerprint_mismatch(old, make_fingerprint(**base)) == []
     assert fingerprint_mismatch(old, make_fingerprint(**base, frame_order="string")) == [
         "frame_order"]
+
+
+def test_predict_crops_as_an_official_run_was_fed(caplog):
+    from heads.predict import run_preprocessing
+    from pipeline.config import PRESETS
+
+    run_config = {"kind": "import-official", "model": {"segments": 16},
+                  "preprocessing": {**PRESETS["original"], "face_resize": "squash",
+                                    "face_margin": 20, "segments": 16, "image_size": 224}}
+    with caplog.at_level("WARNING"):
+        values = run_preprocessing(run_config, 224)
+    for key in ("frame_order", "frame_sampling", "frame_decode", "face_crop", "context",
+                "context_resize", "normalize"):
+        assert values[key] == PRESETS["original"][key], key
+    assert "person the built-in detector finds" in caplog.text
+    assert run_preprocessing({"model": {"segments": 16}}, 224)["face_crop"] == "caer"
