@@ -338,6 +338,7 @@ print(json.dumps({"exit": result.exit_code, "output": result.output, "grew_kib":
 """
 
 
+@pytest.mark.slow
 def test_a_small_file_declaring_a_huge_storage_is_refused_with_little_memory(tmp_path):
     from conftest import ROOT
 
