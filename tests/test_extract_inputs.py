@@ -101,3 +101,23 @@ def test_confine_to_root_refuses_paths_and_symlinks_that_leave_it(tmp_path):
     with open_store(open_cache) as store:  # unconfined, the private photos' crops are stored
         row = int(np.flatnonzero(store.manifest["id"] == "../private/photos")[0])
         assert store.pixels("context")[row].any()
+
+
+def test_a_two_stream_video_and_a_mac_copied_folder_extract_with_their_notes(tmp_path):
+    from test_video import _apple_double, _two_stream_video
+
+    _two_stream_video(tmp_path / "angles.mkv", default=None)
+    folder = write_frame_folder(tmp_path / "0001", moving_square_frames(12, (48, 64)))
+    for i in range(1, 13):
+        (folder / f"._{i}.jpg").write_bytes(_apple_double(f"{i}.jpg"))
+    (tmp_path / "list.txt").write_text("angles.mkv 12 1\n0001 12 2\n")
+    cache = tmp_path / "c.zarr"
+    result = _extract("--annotations", str(tmp_path / "list.txt"), "--split", "train",
+                      "--cache", str(cache))
+    assert result.exit_code == 0, result.output
+    with open_store(cache) as store:
+        m = store.manifest.set_index("id")
+    assert (m.loc["angles.mkv", "width"], m.loc["angles.mkv", "height"]) == (128, 96)
+    assert m.loc["angles.mkv", "note"] == "2 video streams; read stream #1 (the largest, 128x96)"
+    assert m.loc["0001", "n_frames"] == 12 and m.loc["0001", "note"] == ""
+    assert (m["status"] == "ok").all()
