@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import typing
 from dataclasses import fields
 from pathlib import Path
 
@@ -145,17 +146,26 @@ def check_run_config(config: dict, path: Path, head_config_class, preprocessing_
     f.string(config, "caer_kit_version")
 
     model = f.obj(config, "model")
+    hints = typing.get_type_hints(head_config_class)
     names = [field.name for field in fields(head_config_class)]
     f.keys(model, names, "model.")
-    for name in names:
+    for name in names:  # by the field's type, so that a new HeadConfig field is checked too
         if name == "streams":
             f.string(model, name, "model.", choices=STREAMS)
         elif name == "dropout":
             f.number(model, name, "model.", low=0.0, high=0.99)
         elif name == "logit_scale":
             f.number(model, name, "model.", low=1e-6)
-        else:
+        elif hints[name] is bool:
+            f.boolean(model, name, "model.")
+        elif hints[name] is int:
             f.integer(model, name, "model.", minimum=1)
+        elif hints[name] is float:
+            f.number(model, name, "model.")
+        elif hints[name] is str:
+            f.string(model, name, "model.")
+        else:
+            f.present(model, name, "model.")
 
     clip = f.obj(config, "clip")
     f.keys(clip, CLIP_KEYS, "clip.")
