@@ -142,7 +142,7 @@ def stages(clip_path: Path, *, clip_spec: str, precision: str, repeats: int) -> 
     from pipeline.extract import BatchEncoder
     from pipeline.faces import FaceDetector
     from pipeline.labels import load_label_set
-    from pipeline.prepare import prepare_clip
+    from pipeline.prepare import ClipTask, prepare_clip
     from pipeline.video import probe_clip, read_frames, sample_indices
 
     cfg = ExtractConfig()
@@ -182,21 +182,21 @@ def stages(clip_path: Path, *, clip_spec: str, precision: str, repeats: int) -> 
         record("face crop", face_s)
         record("letterbox", context_s)
     detector.close()
-    task = {"index": 0, "path": str(clip_path), "segments": cfg.segments,
-            "candidates": cfg.candidates, "listed_frames": -1, "boxes": None,
-            "face_model": cfg.face_model, "min_face_score": cfg.min_face_score,
-            "image_size": 224, "face_margin": cfg.face_margin, "face_resize": cfg.face_resize}
+    task = ClipTask(index=0, path=str(clip_path), segments=cfg.segments,
+                    candidates=cfg.candidates, listed_frames=-1, boxes=None,
+                    face_model=cfg.face_model, min_face_score=cfg.min_face_score,
+                    image_size=224, face_margin=cfg.face_margin, face_resize=cfg.face_resize)
     for _ in range(repeats):
         t0 = time.perf_counter()
         result = prepare_clip(task)
         record("worker total, as prepare_clip", time.perf_counter() - t0)
-    if result["status"] != "ok":
-        raise RuntimeError(f"prepare_clip failed on {clip_path}: {result.get('reason')}")
+    if result.status != "ok":
+        raise RuntimeError(f"prepare_clip failed on {clip_path}: {result.reason}")
     times["queueing"] = [_pipe_seconds(result, repeats)]
 
     clip = load_clip(clip_spec)
-    images = np.concatenate([result["face"].reshape(-1, 224, 224, 3),
-                             result["context"].reshape(-1, 224, 224, 3)])
+    images = np.concatenate([result.face.reshape(-1, 224, 224, 3),
+                             result.context.reshape(-1, 224, 224, 3)])
     encoder = BatchEncoder(clip, cfg.batch_size, cfg.normalize, "cpu", precision)
     per_batch = max(1, cfg.batch_size // len(images))  # clips in one encoder batch
     for i in range(repeats + 1):
@@ -216,10 +216,10 @@ def stages(clip_path: Path, *, clip_spec: str, precision: str, repeats: int) -> 
                           face_resize=cfg.face_resize, face_boxes=None,
                           labels=load_label_set(cfg.labels))
     features = np.zeros((cfg.segments, cfg.candidates, clip.feature_dim), np.float16)
-    clip_result = ClipResult("ok", n_frames=result["n_frames"], fps=result["fps"],
-                             width=result["width"], height=result["height"],
-                             frame_index=result["frame_index"], box=result["box"],
-                             score=result["score"], found=result["found"],
+    clip_result = ClipResult("ok", n_frames=result.n_frames, fps=result.fps,
+                             width=result.width, height=result.height,
+                             frame_index=result.frame_index, box=result.box,
+                             score=result.score, found=result.found,
                              features={"face": features, "context": features})
     with tempfile.TemporaryDirectory(prefix="breakdown_store_") as directory:
         store = Path(directory) / "s.zarr"

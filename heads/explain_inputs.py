@@ -92,7 +92,7 @@ def cache_inputs(cfg: ExplainConfig, run_config: dict, model) -> list[ClipInput]
 def _redecode(cfg: ExplainConfig, fp: dict, path: str, frames: np.ndarray, boxes: np.ndarray,
               found: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """extract's crops of one clip again, from its file: the same frames, the stored boxes."""
-    from pipeline.prepare import prepare_clip
+    from pipeline.prepare import ClipTask, prepare_clip
     from pipeline.video import ClipError, probe_clip
 
     why = (f"--cache {cfg.cache} holds no stored crops (it was built without --pixels), and "
@@ -108,19 +108,19 @@ def _redecode(cfg: ExplainConfig, fp: dict, path: str, frames: np.ndarray, boxes
         if 0 <= number < info.n_frames:
             name = info.files[number] if info.kind == "frames" else str(number)
             stored[name] = [float(v) for v in box] if has_face else None
-    task = {"index": 0, "path": path, "listed_frames": -1, "segments": int(fp["segments"]),
-            "candidates": int(fp["candidates"]), "face_model": fp.get("face_model", "full"),
-            "min_face_score": fp.get("min_face_score", 0.5),
-            "face_margin": fp.get("face_margin", 20),
-            "face_resize": fp.get("face_resize", "squash"),
-            "image_size": int(fp.get("image_size", 224)), "boxes": stored}
+    task = ClipTask(index=0, path=path, listed_frames=-1, segments=int(fp["segments"]),
+                    candidates=int(fp["candidates"]), face_model=fp.get("face_model", "full"),
+                    min_face_score=fp.get("min_face_score", 0.5),
+                    face_margin=fp.get("face_margin", 20),
+                    face_resize=fp.get("face_resize", "squash"),
+                    image_size=int(fp.get("image_size", 224)), boxes=stored)
     crops = prepare_clip(task)
-    if crops["status"] != "ok":
-        raise CaerError(f"{why}: {crops['reason']}; rebuild the cache with `extract --pixels`")
-    if not np.array_equal(crops["frame_index"], frames):
+    if crops.status != "ok":
+        raise CaerError(f"{why}: {crops.reason}; rebuild the cache with `extract --pixels`")
+    if not np.array_equal(crops.frame_index, frames):
         raise CaerError(f"{why}: the clip now has other frames than when it was extracted "
                         f"({info.n_frames} frames); extract it again")
-    return crops["face"][:, k], crops["context"][:, k]
+    return crops.face[:, k], crops.context[:, k]
 
 
 def path_inputs(cfg: ExplainConfig, run_config: dict, model) -> list[ClipInput]:
@@ -128,19 +128,19 @@ def path_inputs(cfg: ExplainConfig, run_config: dict, model) -> list[ClipInput]:
     from pathlib import Path
 
     from heads.predict import run_preprocessing
-    from pipeline.prepare import prepare_clip
+    from pipeline.prepare import ClipTask, prepare_clip
 
     prep = run_preprocessing(run_config, int(model.clip.config.vision_config.image_size))
     out = []
     for index, path in enumerate(cfg.paths):
-        task = {"index": index, "path": str(path), "listed_frames": -1,
-                "segments": prep["segments"], "candidates": 1, "face_model": prep["face_model"],
-                "min_face_score": prep["min_face_score"], "face_margin": prep["face_margin"],
-                "face_resize": prep["face_resize"], "image_size": prep["image_size"],
-                "boxes": None}
+        task = ClipTask(index=index, path=str(path), listed_frames=-1,
+                        segments=prep["segments"], candidates=1, face_model=prep["face_model"],
+                        min_face_score=prep["min_face_score"], face_margin=prep["face_margin"],
+                        face_resize=prep["face_resize"], image_size=prep["image_size"],
+                        boxes=None)
         crops = prepare_clip(task)
-        if crops["status"] != "ok":
-            raise CaerError(f"{path}: cannot be explained: {crops['reason']}")
-        out.append(ClipInput(Path(path).name or str(path), None, crops["face"][:, 0],
-                             crops["context"][:, 0], f"decoded from {path}"))
+        if crops.status != "ok":
+            raise CaerError(f"{path}: cannot be explained: {crops.reason}")
+        out.append(ClipInput(Path(path).name or str(path), None, crops.face[:, 0],
+                             crops.context[:, 0], f"decoded from {path}"))
     return out

@@ -97,7 +97,7 @@ def predict(cfg: PredictConfig, progress: bool = True) -> Predictions:
 
     from heads.evaluate import check_device
     from heads.run import load_run, read_run_config
-    from pipeline.prepare import prepare_clip
+    from pipeline.prepare import ClipTask, prepare_clip
 
     cfg.validate()
     run_config = read_run_config(cfg.run)
@@ -112,25 +112,25 @@ def predict(cfg: PredictConfig, progress: bool = True) -> Predictions:
     for index, path in enumerate(tqdm(cfg.paths, desc="predict", unit="clip", leave=False,
                                       disable=not progress or len(cfg.paths) < 2)):
         # Exactly the task extract builds for a clip, with one frame per segment (its middle).
-        task = {"index": index, "path": str(path), "listed_frames": -1,
-                "segments": prep["segments"], "candidates": 1,
-                "face_model": prep["face_model"], "min_face_score": prep["min_face_score"],
-                "face_margin": prep["face_margin"], "face_resize": prep["face_resize"],
-                "image_size": prep["image_size"], "boxes": None,
-                **{k: prep[k] for k in ("frame_order", "frame_sampling", "frame_decode",
-                                        "face_crop", "context", "context_resize")},
-                "body_source": "detector"}
+        task = ClipTask(index=index, path=str(path), listed_frames=-1,
+                        segments=prep["segments"], candidates=1,
+                        face_model=prep["face_model"], min_face_score=prep["min_face_score"],
+                        face_margin=prep["face_margin"], face_resize=prep["face_resize"],
+                        image_size=prep["image_size"], boxes=None,
+                        **{k: prep[k] for k in ("frame_order", "frame_sampling", "frame_decode",
+                                                "face_crop", "context", "context_resize")},
+                        body_source="detector")
         crops = prepare_clip(task)
-        if crops["status"] != "ok":
-            result.clips.append(ClipPrediction(str(path), "failed", reason=crops["reason"]))
-            log.warning("%s: %s", path, crops["reason"])
+        if crops.status != "ok":
+            result.clips.append(ClipPrediction(str(path), "failed", reason=crops.reason))
+            log.warning("%s: %s", path, crops.reason)
             continue
-        probs = predict_crops(model, crops["face"][:, 0], crops["context"][:, 0], cfg.device)
+        probs = predict_crops(model, crops.face[:, 0], crops.context[:, 0], cfg.device)
         result.clips.append(ClipPrediction(
             str(path), "ok", label=classes[int(np.argmax(probs))],
             probabilities={c: float(p) for c, p in zip(classes, probs)},
-            faces_found=int(crops["found"][:, 0].sum()), segments=prep["segments"],
-            note=crops.get("note", "")))
+            faces_found=int(crops.found[:, 0].sum()), segments=prep["segments"],
+            note=crops.note))
     return result
 
 

@@ -37,7 +37,7 @@ from pipeline.boxes import BoxFile, load_body_boxes, load_face_boxes
 from pipeline.clip import resolve_precision
 from pipeline.config import CHOICES, ExtractConfig
 from pipeline.errors import CaerError
-from pipeline.prepare import prepare_clip, warm_worker, worker_init
+from pipeline.prepare import ClipTask, PreparedClip, prepare_clip, warm_worker, worker_init
 
 log = logging.getLogger("caer")
 
@@ -198,31 +198,31 @@ class BatchEncoder:
         return finished
 
 
-def _distinct_frames(result: dict) -> tuple[np.ndarray, np.ndarray]:
+def _distinct_frames(result: PreparedClip) -> tuple[np.ndarray, np.ndarray]:
     """(first slot of each distinct kept frame, slot -> its distinct frame): a frame kept in
     several slots (a short clip, the original's test frame in every candidate) is encoded
     once. Its crops are the same in every slot, since they depend on the frame alone."""
-    _, first, inverse = np.unique(result["frame_index"].reshape(-1), return_index=True,
+    _, first, inverse = np.unique(result.frame_index.reshape(-1), return_index=True,
                                   return_inverse=True)
     return first, inverse.reshape(-1)
 
 
-def _stack_views(result: dict, flip: bool) -> np.ndarray:
+def _stack_views(result: PreparedClip, flip: bool) -> np.ndarray:
     """uint8 ``[V * F, H, W, 3]``, the F distinct kept frames of each view in the order face,
     context(, face_flip, context_flip)."""
     first, _ = _distinct_frames(result)
-    size = result["face"].shape[-2]
-    face = result["face"].reshape(-1, size, size, 3)[first]
-    context = result["context"].reshape(-1, size, size, 3)[first]
+    size = result.face.shape[-2]
+    face = result.face.reshape(-1, size, size, 3)[first]
+    context = result.context.reshape(-1, size, size, 3)[first]
     views = [face, context]
     if flip:  # flipping the crop equals cropping the flipped frame with the mirrored box
         views += [face[..., ::-1, :], context[..., ::-1, :]]
     return np.ascontiguousarray(np.stack(views).reshape(-1, size, size, 3))
 
 
-def _to_clip_result(result: dict, features: np.ndarray | None, fp: dict) -> ClipResult:
-    if result["status"] != "ok":
-        return ClipResult("failed", reason=result["reason"] or "failed")
+def _to_clip_result(result: PreparedClip, features: np.ndarray | None, fp: dict) -> ClipResult:
+    if result.status != "ok":
+        return ClipResult("failed", reason=result.reason or "failed")
     s, k = fp["segments"], fp["candidates"]
     views = ["face", "context"] + (["face_flip", "context_flip"] if fp["flip"] else [])
     _, slot_frame = _distinct_frames(result)
@@ -230,13 +230,13 @@ def _to_clip_result(result: dict, features: np.ndarray | None, fp: dict) -> Clip
     feats = feats.reshape(len(views), s, k, -1)
     pixels = {}
     if fp["pixels"]:
-        pixels = {name: np.ascontiguousarray(result[name].transpose(0, 1, 4, 2, 3))
-                  for name in ("face", "context")}
-    return ClipResult("ok", note=result["note"], n_frames=result["n_frames"], fps=result["fps"],
-                      width=result["width"], height=result["height"],
-                      frame_index=result["frame_index"], box=result["box"],
-                      score=result["score"], found=result["found"],
-                      body_box=result.get("body_box"),
+        pixels = {name: np.ascontiguousarray(crops.transpose(0, 1, 4, 2, 3))
+                  for name, crops in (("face", result.face), ("context", result.context))}
+    return ClipResult("ok", note=result.note, n_frames=result.n_frames, fps=result.fps,
+                      width=result.width, height=result.height,
+                      frame_index=result.frame_index, box=result.box,
+                      score=result.score, found=result.found,
+                      body_box=result.body_box,
                       features={v: feats[i] for i, v in enumerate(views)}, pixels=pixels)
 
 
@@ -474,21 +474,22 @@ def _run_share(cfg: ExtractConfig, d: Dist, target: Path, clip, encoder: BatchEn
         clip_row = ClipRow(row["id"], row["path"], int(row["label"]), row["split"],
                            listed_frames=-1 if pd.isna(listed) else int(listed))
         entry = match_boxes([clip_row], face_file, body_file)[0]
-        tasks.append({"index": int(i), "path": clip_row.path, "split": clip_row.split,
-                      "listed_frames": clip_row.listed_frames,
-                      "segments": cfg.segments, "candidates": cfg.candidates,
-                      "face_model": cfg.face_model, "min_face_score": cfg.min_face_score,
-                      "face_margin": cfg.face_margin, "face_resize": cfg.face_resize,
-                      "image_size": clip.image_size,
-                      "boxes": None if face_file is None else (entry["face"] or {}),
-                      "root": roots.get(clip_row.id, fallback_root),
-                      "confine_to_root": cfg.confine_to_root,
-                      "frame_order": cfg.frame_order, "frame_count": cfg.frame_count,
-                      "frame_sampling": cfg.frame_sampling, "frame_decode": cfg.frame_decode,
-                      "face_crop": cfg.face_crop, "context": cfg.context,
-                      "context_resize": cfg.context_resize,
-                      "body_source": "file" if body_file is not None else "detector",
-                      "body_box": entry["body"]})
+        tasks.append(ClipTask(
+            index=int(i), path=clip_row.path, split=clip_row.split,
+            listed_frames=clip_row.listed_frames,
+            segments=cfg.segments, candidates=cfg.candidates,
+            face_model=cfg.face_model, min_face_score=cfg.min_face_score,
+            face_margin=cfg.face_margin, face_resize=cfg.face_resize,
+            image_size=clip.image_size,
+            boxes=None if face_file is None else (entry["face"] or {}),
+            root=roots.get(clip_row.id, fallback_root),
+            confine_to_root=cfg.confine_to_root,
+            frame_order=cfg.frame_order, frame_count=cfg.frame_count,
+            frame_sampling=cfg.frame_sampling, frame_decode=cfg.frame_decode,
+            face_crop=cfg.face_crop, context=cfg.context,
+            context_resize=cfg.context_resize,
+            body_source="file" if body_file is not None else "detector",
+            body_box=entry["body"]))
     t0 = time.perf_counter()
     pool = start_pool(cfg, tasks[0] if tasks else None)
     t_startup = time.perf_counter() - t0
@@ -505,7 +506,7 @@ def _run_share(cfg: ExtractConfig, d: Dist, target: Path, clip, encoder: BatchEn
     return d.sum(done), t_process, t_startup
 
 
-def _process(pool, tasks: list[dict], encoder: BatchEncoder, writer: StoreWriter, fp: dict,
+def _process(pool, tasks: list[ClipTask], encoder: BatchEncoder, writer: StoreWriter, fp: dict,
              cfg: ExtractConfig, show: bool) -> int:
     """Feed tasks to workers with a bounded number in flight; encode; write."""
     from tqdm import tqdm
@@ -517,9 +518,9 @@ def _process(pool, tasks: list[dict], encoder: BatchEncoder, writer: StoreWriter
     log_every = max(1, len(tasks) // 10)
     t0 = time.perf_counter()
 
-    def write(result: dict, features) -> None:
+    def write(result: PreparedClip, features) -> None:
         nonlocal written
-        writer.write_clip(result["index"], _to_clip_result(result, features, fp))
+        writer.write_clip(result.index, _to_clip_result(result, features, fp))
         written += 1
         bar.update(1)
         if cfg.quiet and show and (written % log_every == 0 or written == len(tasks)):
@@ -528,8 +529,8 @@ def _process(pool, tasks: list[dict], encoder: BatchEncoder, writer: StoreWriter
         if kill_after and written >= kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def take(result: dict) -> None:
-        if result["status"] != "ok":
+    def take(result: PreparedClip) -> None:
+        if result.status != "ok":
             write(result, None)
             return
         images = _stack_views(result, fp["flip"])
@@ -552,7 +553,7 @@ def _process(pool, tasks: list[dict], encoder: BatchEncoder, writer: StoreWriter
 class WorkerPool:
     """The spawned decoding workers, warmed up; ``restart`` replaces a pool a crash broke."""
 
-    def __init__(self, cfg: ExtractConfig, sample_task: dict):
+    def __init__(self, cfg: ExtractConfig, sample_task: ClipTask):
         self.cfg, self.sample_task, self.executor = cfg, sample_task, None
         self.restart()
 
@@ -573,7 +574,7 @@ class WorkerPool:
         raise CaerError("extract: the worker processes die while starting (importing PyAV or "
                         "loading the face detector); run with --workers 0 to see the error")
 
-    def submit(self, task: dict):
+    def submit(self, task: ClipTask):
         return self._submit(prepare_clip, task)
 
     def _submit(self, fn, *args):
@@ -596,7 +597,7 @@ class WorkerPool:
         self.executor.shutdown(cancel_futures=True)
 
 
-def start_pool(cfg: ExtractConfig, sample_task: dict | None) -> WorkerPool | None:
+def start_pool(cfg: ExtractConfig, sample_task: ClipTask | None) -> WorkerPool | None:
     """The worker pool, warmed up (None with --workers 0: the main process decodes)."""
     if sample_task is None:
         return None
@@ -629,7 +630,7 @@ def _run_pool(pool: WorkerPool, tasks, take, cfg: ExtractConfig, fp: dict) -> No
             suspects = [running[f] for f in finished if _died(f)] + [running[f] for f in lost]
             finished |= lost
         for future in sorted((f for f in finished if f.done() and not _died(f)),
-                             key=lambda f: f.result()["index"]):
+                             key=lambda f: f.result().index):
             take(future.result())
         running = {f: t for f, t in running.items() if f not in finished}
         if suspects:
@@ -646,14 +647,14 @@ def _died(future) -> bool:
     return future.done() and isinstance(future.exception(), BrokenProcessPool)
 
 
-def _isolate_crash(pool: WorkerPool, suspects: list[dict], take) -> None:
+def _isolate_crash(pool: WorkerPool, suspects: list[ClipTask], take) -> None:
     """A worker died in native code (FFmpeg, MediaPipe) with these clips in flight: retry each
     alone in a pool whose workers are alive, so that only a clip that kills a worker by itself
     is recorded as failed."""
     log.warning("extract: a worker process died with %d clip(s) in flight; retrying each alone",
                 len(suspects))
     pool.restart()
-    for task in sorted(suspects, key=lambda t: t["index"]):
+    for task in sorted(suspects, key=lambda t: t.index):
         future = pool.submit(task)
         if getattr(future, "never_ran", False):  # the pool broke between clips: not this one's
             pool.restart()
@@ -665,9 +666,9 @@ def _isolate_crash(pool: WorkerPool, suspects: list[dict], take) -> None:
         if getattr(future, "never_ran", False):
             raise CaerError("extract: the worker processes keep dying between clips; run with "
                             "--workers 0 to see the error")
-        take({"index": task["index"], "status": "failed",
-              "reason": "the worker process died on this clip (a crash in native code: FFmpeg "
-                        "or MediaPipe); retried alone, it died again"})
+        take(PreparedClip.failed(task.index, "the worker process died on this clip (a crash in "
+                                 "native code: FFmpeg or MediaPipe); retried alone, it died "
+                                 "again"))
         pool.restart()
 
 

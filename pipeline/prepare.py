@@ -9,13 +9,72 @@ from __future__ import annotations
 import os
 import signal
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from cache.core.errors import first_line
 
 # Tests: a worker segfaults on the clip whose path ends so, or at its start for "worker start".
 CRASH_ON_ENV = "CAER_TEST_CRASH_ON_CLIP"
 
 _DETECTOR = None
+
+
+@dataclass(frozen=True)
+class ClipTask:
+    """One clip to prepare, as extract's main process (or predict) hands it to a worker:
+    everything the worker needs, so that it reads nothing else."""
+
+    index: int  # the clip's row in the store (predict: its position among the paths)
+    path: str
+    segments: int
+    candidates: int
+    image_size: int
+    face_model: str
+    min_face_score: float
+    face_margin: float
+    face_resize: str
+    listed_frames: int = -1  # the list file's frame count; -1: none
+    split: str = ""
+    boxes: dict | None = None  # the --face-boxes entries of this clip; None: the detector
+    root: str | None = None  # where its annotation file says clips are
+    confine_to_root: bool = False
+    frame_order: str | None = "natural"
+    frame_count: str | None = "disk"
+    frame_sampling: str | None = "caer"
+    frame_decode: str | None = "caer"
+    face_crop: str | None = "caer"
+    context: str | None = "full"
+    context_resize: str | None = "caer"
+    body_source: str = "detector"  # "file": body_box below, from --body-boxes
+    body_box: list | None = None
+
+
+@dataclass
+class PreparedClip:
+    """A worker's answer for one clip: its crops and face boxes, or why it failed.
+    Arrays are per kept frame, ``[S, K, ...]``; crops uint8 ``[S, K, H, W, 3]``."""
+
+    index: int
+    status: str  # "ok" | "failed"
+    reason: str = ""
+    note: str = ""
+    n_frames: int = 0
+    fps: float = 0.0
+    width: int = 0
+    height: int = 0
+    frame_index: np.ndarray | None = field(default=None, repr=False)
+    box: np.ndarray | None = field(default=None, repr=False)
+    score: np.ndarray | None = field(default=None, repr=False)
+    found: np.ndarray | None = field(default=None, repr=False)
+    face: np.ndarray | None = field(default=None, repr=False)
+    context: np.ndarray | None = field(default=None, repr=False)
+    body_box: np.ndarray | None = None
+
+    @classmethod
+    def failed(cls, index: int, reason: str) -> "PreparedClip":
+        return cls(index, "failed", reason=reason)
 
 
 def worker_init() -> None:
@@ -36,25 +95,24 @@ def worker_init() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-def prepare_clip(task: dict) -> dict:
+def prepare_clip(task: ClipTask) -> PreparedClip:
     """Decode, detect and crop one clip (runs in a worker). Never raises for a bad clip."""
     from pipeline.video import ClipError
 
     crash_on = os.environ.get(CRASH_ON_ENV)
-    if crash_on and task["path"].endswith(crash_on):
+    if crash_on and task.path.endswith(crash_on):
         os.kill(os.getpid(), signal.SIGSEGV)
     try:
         return _prepare(task)
     except ClipError as err:
-        return {"index": task["index"], "status": "failed", "reason": str(err)}
+        return PreparedClip.failed(task.index, str(err))
     except Exception as err:  # noqa: BLE001 - an unforeseen bad clip must not stop the run
-        text = str(err).strip().splitlines()
-        return {"index": task["index"], "status": "failed",
-                "reason": f"{type(err).__name__}: {text[0] if text else ''}".strip()}
+        detail = first_line(err) if str(err).strip() else ""
+        return PreparedClip.failed(task.index, f"{type(err).__name__}: {detail}".strip())
 
 
-def _prepare(task: dict) -> dict:
-    s, k = task["segments"], task["candidates"]
+def _prepare(task: ClipTask) -> PreparedClip:
+    s, k = task.segments, task.candidates
     info = _probe_under_root(task)
     notes = [info.note] if info.note else []
     indices, more = _positions(task, info)
@@ -68,7 +126,7 @@ def _prepare(task: dict) -> dict:
     detections = _faces(task, info, frames, indices)
     body = _body_box(task, frames, detections)
     face_crop, context_crop = _croppers(task, body)
-    size = task["image_size"]
+    size = task.image_size
     face = np.empty((s, k, size, size, 3), np.uint8)
     context = np.empty((s, k, size, size, 3), np.uint8)
     box = np.full((s, k, 4), np.nan, np.float32)
@@ -85,29 +143,29 @@ def _prepare(task: dict) -> dict:
             score[si, ki] = sc
             if b is not None:
                 box[si, ki], found[si, ki] = b, True
-    return {"index": task["index"], "status": "ok", "note": "; ".join(notes),
-            "n_frames": info.n_frames, "fps": info.fps or 0.0, "width": info.width,
-            "height": info.height, "frame_index": indices.astype(np.int32), "box": box,
-            "score": score, "found": found, "face": face, "context": context,
-            "body_box": None if body is None else np.asarray(body, np.float32)}
+    return PreparedClip(task.index, "ok", note="; ".join(notes), n_frames=info.n_frames,
+                        fps=info.fps or 0.0, width=info.width, height=info.height,
+                        frame_index=indices.astype(np.int32), box=box, score=score,
+                        found=found, face=face, context=context,
+                        body_box=None if body is None else np.asarray(body, np.float32))
 
 
-def _positions(task: dict, info) -> tuple[np.ndarray, list[str]]:
+def _positions(task: ClipTask, info) -> tuple[np.ndarray, list[str]]:
     """The kept frames ``[S, K]`` (positions in the folder's order) and notes about them."""
     from pipeline import original
     from pipeline.video import ClipError, sample_indices
 
-    s, k = task["segments"], task["candidates"]
-    listed, notes = task["listed_frames"], []
-    use_list = task.get("frame_count", "disk") == "list" and listed >= 0
+    s, k = task.segments, task.candidates
+    listed, notes = task.listed_frames, []
+    use_list = task.frame_count == "list" and listed >= 0
     if listed >= 0 and listed != info.n_frames:
         notes.append(f"list file says {listed} frames, {info.n_frames} on disk "
                      f"({'list' if use_list else 'disk'} used)")
     n = listed if use_list else info.n_frames
     if n < 1:
         raise ClipError("the list file says 0 frames (--frame-count list)")
-    if task.get("frame_sampling", "caer") == "original":
-        indices = original.positions(n, s, k, task.get("split", ""))
+    if task.frame_sampling == "original":
+        indices = original.positions(n, s, k, task.split)
     else:
         indices = sample_indices(n, s, k)
     if int(indices.max()) >= info.n_frames:
@@ -117,29 +175,28 @@ def _positions(task: dict, info) -> tuple[np.ndarray, list[str]]:
     return indices, notes
 
 
-def _decode(task: dict, info, indices: np.ndarray):
+def _decode(task: ClipTask, info, indices: np.ndarray):
     from pathlib import Path
 
     from pipeline import original
     from pipeline.video import ClipError, read_frames
 
-    if task.get("frame_decode", "caer") == "original" and info.kind == "frames":
+    if task.frame_decode == "original" and info.kind == "frames":
         frames = {}
         for number in np.unique(indices):
             name = info.files[int(number)]
             try:
-                frames[int(number)] = original.decode(Path(task["path"]) / name)
+                frames[int(number)] = original.decode(Path(task.path) / name)
             except Exception as err:  # noqa: BLE001 - any unreadable image fails the clip
-                text = str(err).strip().splitlines()
-                raise ClipError(f"unreadable image {name}: {text[0] if text else err}") from None
+                raise ClipError(f"unreadable image {name}: {first_line(err)}") from None
         return frames
-    return read_frames(task["path"], indices, info)
+    return read_frames(task.path, indices, info)
 
 
-def _faces(task: dict, info, frames, indices: np.ndarray) -> dict:
+def _faces(task: ClipTask, info, frames, indices: np.ndarray) -> dict:
     """``{frame number: (box or None, score)}``: from the box file, else the detector."""
     global _DETECTOR
-    boxes = task["boxes"]
+    boxes = task.boxes
     detections = {}
     for number in np.unique(indices):
         number = int(number)
@@ -149,7 +206,7 @@ def _faces(task: dict, info, frames, indices: np.ndarray) -> dict:
             # The file's own values: original.face_crop truncates them with int().
             detections[number] = (tuple(float(v) for v in box), 1.0) if box else (None, 0.0)
             continue
-        wanted = (task["face_model"], task["min_face_score"])
+        wanted = (task.face_model, task.min_face_score)
         if _DETECTOR is None or (_DETECTOR.model, _DETECTOR.min_score) != wanted:
             from pipeline.faces import FaceDetector
 
@@ -161,13 +218,13 @@ def _faces(task: dict, info, frames, indices: np.ndarray) -> dict:
     return detections
 
 
-def _body_box(task: dict, frames, detections: dict):
+def _body_box(task: ClipTask, frames, detections: dict):
     """The clip's body box (context "body"): from the box file, else the person detector;
     None: the whole frame."""
-    if task.get("context", "full") != "body":
+    if task.context != "body":
         return None
-    if task.get("body_source") == "file":
-        box = task.get("body_box")
+    if task.body_source == "file":
+        box = task.body_box
         return None if box is None else tuple(float(v) for v in box)
     from pipeline.persons import pick_body_box  # only with --context body and no box file
 
@@ -177,19 +234,19 @@ def _body_box(task: dict, frames, detections: dict):
     return None if box is None else tuple(float(v) for v in box[:4])
 
 
-def _croppers(task: dict, body):
+def _croppers(task: ClipTask, body):
     """(face crop of (rgb, box), context crop of rgb) as the task's options choose."""
     from pipeline import original
     from pipeline.crops import crop_box, face_crop, letterbox
 
-    size, margin = task["image_size"], task["face_margin"]
-    if task.get("face_crop", "caer") == "original":
+    size, margin = task.image_size, task.face_margin
+    if task.face_crop == "original":
         def face(rgb, box):
             return original.face_crop(rgb, box, margin, size)
     else:
         def face(rgb, box):
-            return face_crop(rgb, box, margin, size, task["face_resize"])
-    if task.get("context_resize", "caer") == "original":
+            return face_crop(rgb, box, margin, size, task.face_resize)
+    if task.context_resize == "original":
         def context(rgb):
             return original.context_crop(rgb, body, size)
     else:
@@ -201,25 +258,25 @@ def _croppers(task: dict, body):
     return face, context
 
 
-def _probe_under_root(task: dict):
+def _probe_under_root(task: ClipTask):
     """probe_clip, with --confine-to-root's check and, for a missing clip, where it may be."""
     from pipeline.video import ClipError, probe_clip
 
-    path, root = task["path"], task.get("root")
-    if task.get("confine_to_root"):
+    path, root = task.path, task.root
+    if task.confine_to_root:
         if root is None:
             raise ClipError("--confine-to-root: this clip's annotation file is not among this "
                             "run's --annotations, so its root is unknown; pass --root")
         outside(path, root)
     try:
-        info = probe_clip(path, order=task.get("frame_order", "natural"))
+        info = probe_clip(path, order=task.frame_order)
     except ClipError as err:
         if str(err) == "file not found" and root is not None:
             hint = moved_prefix(path, root)
             if hint:
                 raise ClipError(f"file not found; {hint}") from None
         raise
-    if task.get("confine_to_root") and info.files:
+    if task.confine_to_root and info.files:
         for name in info.files:  # a frame may be a symlink to anywhere
             outside(os.path.join(path, name), root)
     return info
@@ -257,7 +314,7 @@ def _rgb3(rgb: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(rgb[:, :, :3])
 
 
-def warm_worker(task: dict, hold: float = 0.2) -> int:
+def warm_worker(task: ClipTask, hold: float = 0.2) -> int:
     """Import the media libraries and create the detector before the first clip arrives."""
     global _DETECTOR
     if os.environ.get(CRASH_ON_ENV) == "worker start":
@@ -265,12 +322,12 @@ def warm_worker(task: dict, hold: float = 0.2) -> int:
     import pipeline.crops  # noqa: F401
     import pipeline.video  # noqa: F401
 
-    if task["boxes"] is None:
+    if task.boxes is None:
         from pipeline.faces import FaceDetector
 
         if _DETECTOR is None or (_DETECTOR.model, _DETECTOR.min_score) != (
-                task["face_model"], task["min_face_score"]):
-            _DETECTOR = FaceDetector(task["face_model"], task["min_face_score"])
+                task.face_model, task.min_face_score):
+            _DETECTOR = FaceDetector(task.face_model, task.min_face_score)
         _DETECTOR.detect(np.zeros((64, 64, 3), np.uint8))
     time.sleep(hold)  # hold this worker so that the next warm-up goes to another one
     return os.getpid()

@@ -287,7 +287,7 @@ def test_a_worker_loads_no_torch(dataset, tmp_path):
     # cli.py, as `python cli.py extract` and the `caer` entry point do.
     task = {"index": 0, "path": str(dataset / "square.mp4"), "listed_frames": -1,
             "segments": 16, "candidates": 1, "face_model": "short", "min_face_score": 0.5,
-            "face_margin": 20, "face_resize": "squash", "image_size": 224, "boxes": None}
+            "face_margin": 20, "face_resize": "squash", "image_size": 224, "boxes": None}  # ClipTask fields
     script = tmp_path / "main.py"
     script.write_text(f"""import json, os, sys
 sys.path.insert(0, {str(ROOT)!r})
@@ -296,15 +296,16 @@ import cli  # noqa: F401
 if __name__ == "__main__":
     from pipeline.config import ExtractConfig
     from pipeline.extract import start_pool
+    from pipeline.prepare import ClipTask
 
-    task = json.loads({json.dumps(json.dumps(task))})
+    task = ClipTask(**json.loads({json.dumps(json.dumps(task))}))
     pool = start_pool(ExtractConfig(workers=1), task)
     result = pool.submit(task).result()
     pid = pool.executor.submit(os.getpid).result()
     with open(f"/proc/{{pid}}/maps") as maps:
         torch_mapped = "libtorch" in maps.read()
     pool.shutdown()
-    print(json.dumps([result["status"], result["face"].shape[0], torch_mapped]))
+    print(json.dumps([result.status, result.face.shape[0], torch_mapped]))
 """)
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           timeout=120)

@@ -411,16 +411,17 @@ def test_each_slot_gets_the_features_of_its_own_frame():
     """The copy from distinct frames back to slots, with an encoder whose output tells every
     crop apart (random:tiny's barely varies with the image)."""
     from pipeline.extract import _stack_views, _to_clip_result
+    from pipeline.prepare import PreparedClip
 
     s, k, size = 4, 3, 8
     index = np.array([[0, 1, 1], [2, 2, 2], [5, 3, 5], [7, 7, 7]])
     frames = {n: np.full((size, size, 3), 10 * n + 1, np.uint8) for n in range(8)}
-    result = {"status": "ok", "note": "", "n_frames": 8, "fps": 0.0, "width": size,
-              "height": size, "frame_index": index, "box": np.zeros((s, k, 4), np.float32),
-              "score": np.zeros((s, k), np.float32), "found": np.zeros((s, k), bool),
-              "body_box": None,
-              "face": np.stack([np.stack([frames[n] for n in row]) for row in index]),
-              "context": np.stack([np.stack([255 - frames[n] for n in row]) for row in index])}
+    result = PreparedClip(
+        0, "ok", note="", n_frames=8, fps=0.0, width=size, height=size, frame_index=index,
+        box=np.zeros((s, k, 4), np.float32), score=np.zeros((s, k), np.float32),
+        found=np.zeros((s, k), bool), body_box=None,
+        face=np.stack([np.stack([frames[n] for n in row]) for row in index]),
+        context=np.stack([np.stack([255 - frames[n] for n in row]) for row in index]))
     images = _stack_views(result, flip=True)
     assert len(images) == 4 * len(np.unique(index))  # each distinct frame once per view
     features = images.reshape(len(images), -1)[:, :5].astype(np.float16)  # the pixels

@@ -373,7 +373,7 @@ def _apple_double(name: str) -> bytes:
 
 
 def test_hidden_files_and_apple_double_twins_are_not_frames(tmp_path):
-    from pipeline.prepare import prepare_clip
+    from pipeline.prepare import ClipTask, prepare_clip
 
     frames = numbered_frames(20)
     folder = write_frame_folder(tmp_path / "0001", frames)  # 1.jpg .. 20.jpg
@@ -390,11 +390,11 @@ def test_hidden_files_and_apple_double_twins_are_not_frames(tmp_path):
     clean = write_frame_folder(tmp_path / "clean", frames)
     expected = read_frames(clean, indices)
     assert all(np.array_equal(got[i], expected[i]) for i in expected)
-    task = {"index": 0, "path": str(folder), "listed_frames": 20, "segments": 16, "candidates": 1,
-            "face_model": "full", "min_face_score": 0.5, "face_margin": 20,
-            "face_resize": "squash", "image_size": 32, "boxes": {}}
+    task = ClipTask(index=0, path=str(folder), listed_frames=20, segments=16, candidates=1,
+                    face_model="full", min_face_score=0.5, face_margin=20,
+                    face_resize="squash", image_size=32, boxes={})
     result = prepare_clip(task)
-    assert result["status"] == "ok" and result["n_frames"] == 20 and result["note"] == ""
+    assert result.status == "ok" and result.n_frames == 20 and result.note == ""
 
 
 def _two_stream_video(path, default: int | None):
@@ -430,7 +430,7 @@ def _two_stream_video(path, default: int | None):
     ("no-default.mkv", None, 1, "the largest"),
 ])
 def test_two_video_streams_read_the_default_else_the_largest(tmp_path, name, default, chosen, why):
-    from pipeline.prepare import prepare_clip
+    from pipeline.prepare import ClipTask, prepare_clip
 
     path, flags = _two_stream_video(tmp_path / name, default)
     assert flags == [default == 0, default == 1]
@@ -444,8 +444,8 @@ def test_two_video_streams_read_the_default_else_the_largest(tmp_path, name, def
         assert frame.shape == (size[1], size[0], 3)
         red, blue = frame[..., 0].mean(), frame[..., 2].mean()
         assert (red > 150 and blue < 50) if chosen == 0 else (blue > 150 and red < 50)
-    task = {"index": 0, "path": str(path), "listed_frames": -1, "segments": 4, "candidates": 1,
-            "face_model": "full", "min_face_score": 0.5, "face_margin": 20,
-            "face_resize": "squash", "image_size": 32, "boxes": {}}
+    task = ClipTask(index=0, path=str(path), listed_frames=-1, segments=4, candidates=1,
+                    face_model="full", min_face_score=0.5, face_margin=20,
+                    face_resize="squash", image_size=32, boxes={})
     result = prepare_clip(task)
-    assert result["status"] == "ok" and result["note"] == info.note  # kept in the manifest
+    assert result.status == "ok" and result.note == info.note  # kept in the manifest
