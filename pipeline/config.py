@@ -128,6 +128,19 @@ class ExtractConfig:
         given = {name: getattr(self, name) for name in values if getattr(self, name) is not None}
         return replace(self, **{**values, **given})
 
+    def validate_choices(self) -> None:
+        """Raise CaerError (exit 2) on preprocessing choices that cannot go together (call it
+        on the ``resolved()`` config)."""
+        from pipeline.errors import CaerError
+
+        if self.face_crop == "original" and self.face_resize != "squash":
+            raise CaerError("--face-crop original resizes the face as the original did (a "
+                            "square stretch): it cannot be combined with --face-resize "
+                            "letterbox")
+        if self.body_boxes is not None and self.context != "body":
+            raise CaerError("--body-boxes is used only with --context body; drop --context "
+                            "full or the box file")
+
 
 CHOICES = {f.name: f.metadata["choices"] for f in fields(ExtractConfig)
            if "choices" in f.metadata}

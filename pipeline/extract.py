@@ -84,16 +84,6 @@ def _check_options(cfg: ExtractConfig) -> None:
         raise CaerError(f"--root {cfg.root}: no such directory")
 
 
-def _check_choices(cfg: ExtractConfig) -> None:
-    """Combinations of the preprocessing choices that cannot work (after ``resolved()``)."""
-    if cfg.face_crop == "original" and cfg.face_resize != "squash":
-        raise CaerError("--face-crop original resizes the face as the original did (a square "
-                        "stretch): it cannot be combined with --face-resize letterbox")
-    if cfg.body_boxes is not None and cfg.context != "body":
-        raise CaerError("--body-boxes is used only with --context body; drop --context full "
-                        "or the box file")
-
-
 def _body_source(cfg: ExtractConfig, body_file: BoxFile | None) -> str | None:
     """What the fingerprint records of the body boxes: the box file's sha256, or the person
     detector's model (``detector:<its sha256>``); None for the whole frame."""
@@ -355,7 +345,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
                         f"not {cfg.preset!r}")
     cfg = cfg.resolved()
     _check_options(cfg)
-    _check_choices(cfg)
+    cfg.validate_choices()
     d = Dist.from_env()
     cache = Path(cfg.cache)
     if d.world > 1 and is_hdf5(cache):

@@ -482,3 +482,25 @@ def test_predict_crops_as_an_official_run_was_fed(caplog):
         assert values[key] == PRESETS["original"][key], key
     assert "person the built-in detector finds" in caplog.text
     assert run_preprocessing({"model": {"segments": 16}}, 224)["face_crop"] == "caer"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "original", "--face-resize", "letterbox"],
+     "--face-crop original resizes the face as the original did"),
+    (["--context", "full", "--body-boxes", "BODY"], "--body-boxes is used only with --context "
+                                                    "body"),
+])
+def test_choices_that_cannot_go_together_exit_2_and_write_nothing(raer, tiny_clip_dir, tmp_path,
+                                                                  args, message):
+    from cli import main
+
+    root, lists, (_, body_file), _ = raer
+    args = [str(body_file) if a == "BODY" else a for a in args]
+    cache = tmp_path / "never.zarr"
+    result = CliRunner().invoke(main, ["extract", "--annotations", str(lists["test"]),
+                                       "--split", "test", "--root", str(root), "--clip",
+                                       str(tiny_clip_dir), "--cache", str(cache), *args])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.output
+    assert not cache.exists()
