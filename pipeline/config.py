@@ -128,10 +128,32 @@ class ExtractConfig:
         given = {name: getattr(self, name) for name in values if getattr(self, name) is not None}
         return replace(self, **{**values, **given})
 
+    def validate(self) -> None:
+        """Raise CaerError (exit 2) on options that cannot work, before anything is read;
+        call it on ``resolved()``, whose preset choices are filled in."""
+        from pathlib import Path
+
+        from cache.core.errors import CaerError
+
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise CaerError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                                f"not {getattr(self, name)!r}")
+        for name in ("segments", "candidates", "batch_size"):
+            if getattr(self, name) < 1:
+                raise CaerError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.workers < 0 or self.face_margin < 0:
+            raise CaerError("--workers and --face-margin cannot be negative")
+        if not 0.0 <= self.min_face_score <= 1.0:
+            raise CaerError("--min-face-score must lie in [0, 1]")
+        if self.root is not None and not Path(self.root).is_dir():
+            raise CaerError(f"--root {self.root}: no such directory")
+        self.validate_choices()
+
     def validate_choices(self) -> None:
         """Raise CaerError (exit 2) on preprocessing choices that cannot go together (call it
         on the ``resolved()`` config)."""
-        from pipeline.errors import CaerError
+        from cache.core.errors import CaerError
 
         if self.face_crop == "original" and self.face_resize != "squash":
             raise CaerError("--face-crop original resizes the face as the original did (a "

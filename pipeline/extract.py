@@ -23,7 +23,7 @@ import signal
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ from cache.store import (ClipResult, ClipRow, StoreError, StoreWriter, create_za
                          staging_path)
 from pipeline.boxes import BoxFile, load_body_boxes, load_face_boxes
 from pipeline.clip import resolve_precision
+from cache.core.runtime import Distributed as Dist
 from pipeline.config import CHOICES, ExtractConfig
 from pipeline.errors import CaerError
 from pipeline.prepare import ClipTask, PreparedClip, prepare_clip, warm_worker, worker_init
@@ -64,24 +65,6 @@ class ExtractSummary:
     @property
     def exit_code(self) -> int:
         return 3 if self.n_failed else 0
-
-
-# --------------------------------------------------------------------------- validation
-
-def _check_options(cfg: ExtractConfig) -> None:
-    for name, allowed in CHOICES.items():
-        if getattr(cfg, name) not in allowed:
-            raise CaerError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
-                            f"not {getattr(cfg, name)!r}")
-    for name in ("segments", "candidates", "batch_size"):
-        if getattr(cfg, name) < 1:
-            raise CaerError(f"--{name.replace('_', '-')} must be at least 1")
-    if cfg.workers < 0 or cfg.face_margin < 0:
-        raise CaerError("--workers and --face-margin cannot be negative")
-    if not 0.0 <= cfg.min_face_score <= 1.0:
-        raise CaerError("--min-face-score must lie in [0, 1]")
-    if cfg.root is not None and not Path(cfg.root).is_dir():
-        raise CaerError(f"--root {cfg.root}: no such directory")
 
 
 def _body_source(cfg: ExtractConfig, body_file: BoxFile | None) -> str | None:
@@ -232,56 +215,6 @@ def _to_clip_result(result: PreparedClip, features: np.ndarray | None, fp: dict)
 
 # --------------------------------------------------------------------------- distributed
 
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-
-    @classmethod
-    def from_env(cls) -> "Dist":
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
-
-    def init(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                dist.init_process_group("gloo")
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def share(self, value):
-        """Rank 0's value, on every rank."""
-        if self.world == 1:
-            return value
-        import torch.distributed as dist
-
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def sum(self, value: int) -> int:
-        if self.world == 1:
-            return value
-        import torch
-        import torch.distributed as dist
-
-        t = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(t)
-        return int(t.item())
-
-    def close(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
-
-
 # --------------------------------------------------------------------------- the run
 
 def _prepare_store(cfg: ExtractConfig, target: Path, fp: dict, rows: list[ClipRow],
@@ -344,8 +277,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
         raise CaerError(f"--preset must be one of {', '.join(CHOICES['preset'])}, "
                         f"not {cfg.preset!r}")
     cfg = cfg.resolved()
-    _check_options(cfg)
-    cfg.validate_choices()
+    cfg.validate()
     d = Dist.from_env()
     cache = Path(cfg.cache)
     if d.world > 1 and is_hdf5(cache):
@@ -672,7 +604,3 @@ def summary_lines(s: ExtractSummary) -> list[str]:
             lines.append(f"  ... and {s.n_failed - len(s.failures)} more")
         lines.append(f"the failure list: python cli.py info {s.cache}")
     return lines + list(s.box_lines)
-
-
-def config_dict(cfg: ExtractConfig) -> dict:
-    return asdict(cfg)
