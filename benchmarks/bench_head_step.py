@@ -2,7 +2,7 @@
 each of the text tower's savings (heads/text.py) is worth, all in one run.
 
 The plain step is what any implementation pays: the five RAER prompts (8 context tokens, EOT at
-positions 33, 32, 36, 36, 37 as with CLIP's real BPE tokenizer; see bench_text_truncation.py)
+positions 33, 32, 36, 36, 37: random: CLIPs tokenize with CLIP's own BPE)
 through the transformers CLIP text tower as it is, fp32, up to the longest EOT, frozen
 weights, backward to the context. Goal (issue 17): a whole train-head step (8 cached clips
 [8, 16, 512] per stream drawn from the feature bank, temporal transformers, fusion, prompts,
@@ -51,7 +51,7 @@ from heads.text import TowerOptions  # noqa: E402
 from heads.train import StepModel, autocast_for, sample_dropout, use_sample_dropout  # noqa: E402
 from pipeline.clip import build_random_clip, cpu_has_native_bf16  # noqa: E402
 
-from bench_text_truncation import bpe_length_labels  # noqa: E402
+from pipeline.labels import RAER5  # noqa: E402
 from common import environment, write_result  # noqa: E402  (benchmarks/common.py)
 
 SAVINGS = ("pack", "last_layer_eot_only", "fused_qkv", "prepare_once")
@@ -66,12 +66,9 @@ def timed(fn) -> float:
 
 class Bench:
     def __init__(self, args):
-        self.clip = build_random_clip(args.clip)
-        labels = bpe_length_labels() if args.clip != "tiny" else None
+        self.clip = build_random_clip(args.clip)  # CLIP's own BPE tokenizer: the real lengths
         torch.manual_seed(0)
-        from pipeline.labels import RAER5
-
-        self.model = CaerModel(HeadConfig(segments=args.segments), self.clip, labels or RAER5)
+        self.model = CaerModel(HeadConfig(segments=args.segments), self.clip, RAER5)
         use_sample_dropout(self.model)
         groups = self.model.param_groups(1e-2, 1e-3, 1e-5)
         self.optimizer = torch.optim.SGD(groups, lr=1e-2, momentum=0.9, weight_decay=1e-4)
@@ -174,9 +171,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = {"benchmark": "head_step", "quick": args.quick, "clip": f"random:{args.clip}",
+              "prompt_eot_positions": None,
               "native_bf16": cpu_has_native_bf16(), **environment(),
               "load_average_before": os.getloadavg()}
     b = Bench(args)
+    result["prompt_eot_positions"] = b.model.prompt_learner.eot_positions.tolist()
     workdir = Path(tempfile.mkdtemp(prefix="bench_head_step_"))
     make_cache(workdir / "c.zarr", args, b.clip.feature_dim)
     store = open_store(workdir / "c.zarr")
