@@ -145,7 +145,7 @@ def stages(clip_path: Path, *, clip_spec: str, precision: str, repeats: int) -> 
     from pipeline.prepare import ClipTask, prepare_clip
     from pipeline.video import probe_clip, read_frames, sample_indices
 
-    cfg = ExtractConfig()
+    cfg = ExtractConfig().resolved()  # the default preset's choices filled in
     precision = resolve_precision(cfg.precision if precision == "auto" else precision, "cpu")
     times: dict[str, list[float]] = {}
 
