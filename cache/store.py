@@ -37,11 +37,34 @@ from cache.core.labels import LabelSet, load_label_set
 FORMAT_VERSION = 1
 STATUS_NAMES = ("pending", "ok", "failed")  # stored as int8 codes 0, 1, 2
 STATIC_CHUNK = 1024  # rows per chunk of the columns written once, when clips are added
+RESULT_PREFIXES = ("frames/", "faces/", "features/", "pixels/")  # written for ok clips only
 H5_SUFFIXES = (".h5", ".hdf5")
 
 
 class StoreError(CaerError):
     """A store that cannot be opened, created or extended as asked."""
+
+
+class StoreDamaged(StoreError):
+    """A chunk of a finished clip is missing or unreadable (checksum, truncation)."""
+
+
+# caer_kit.integrity of stores this version creates: every chunk carries a zstd content
+# checksum (HDF5: fletcher32), and every chunk of a finished clip is written even when it
+# equals the fill value, so a missing chunk file is damage, not zeros. Older stores lack it.
+INTEGRITY = {"checksum": "zstd", "every_chunk_written": True}
+
+
+def repair_hint(path) -> str:
+    return (f"repair: run the same extract command with --redo-damaged (re-extracts only the "
+            f"damaged clips); `python cli.py info --verify {path}` lists them all")
+
+
+def _writing():
+    """Zarr writes every chunk, fill-valued or not (the missing-chunk check relies on it)."""
+    import zarr
+
+    return zarr.config.set({"array.write_empty_chunks": True})
 
 
 def is_hdf5(path: str | os.PathLike) -> bool:
@@ -237,8 +260,9 @@ class StoredArray:
     ``a[idx]`` takes an int, a slice or a sorted int index array and returns numpy.
     """
 
-    def __init__(self, array, n: int, is_str: bool):
+    def __init__(self, array, n: int, is_str: bool, name: str = "", owner=None):
         self._array, self._n, self._is_str = array, n, is_str
+        self.name, self._owner = name, owner
         self.shape = (n,) + tuple(array.shape[1:])
         self.dtype = np.dtype(object) if is_str else np.dtype(array.dtype)
         self.ndim = len(self.shape)
@@ -269,8 +293,14 @@ class StoredArray:
         array = self._array
         if self._is_str and hasattr(array, "asstr"):  # h5py returns bytes otherwise
             array = array.asstr()
-        out = array[(first,) + tuple(rest)]
-        out = np.asarray(out)
+        try:
+            out = np.asarray(array[(first,) + tuple(rest)])
+        except Exception as err:  # noqa: BLE001 - zstd, numcodecs, h5py and OS errors differ
+            if self._owner is None:
+                raise
+            raise self._owner.damage_error(self.name, first, err) from None
+        if self._owner is not None:
+            self._owner.check_chunks(self.name, self._array, first)
         return out.astype(object) if self._is_str else out
 
     def __array__(self, dtype=None, copy=None):
@@ -290,17 +320,84 @@ class FeatureStore:
         self.n_clips: int = int(meta["n_clips"])
         self.fingerprint: dict = meta["fingerprint"]
         self.metadata_columns: list[str] = list(meta.get("metadata_columns", []))
+        self.integrity: dict = dict(meta.get("integrity") or {})
         self.metadata: dict = dict(_attrs(root).get("metadata", {}))
         self.labels: LabelSet = load_label_set(self.fingerprint["labels"])
         self._specs = array_specs(self.fingerprint)
         self._manifest = None
+        self._ok = None  # status == ok per clip, for the missing-chunk check
 
     # arrays -------------------------------------------------------------
     def array(self, name: str) -> StoredArray:
         if name not in self._specs:
             raise StoreError(f"{self.path}: no array '{name}' in this store "
                              f"(it has: {', '.join(self._specs)})")
-        return StoredArray(self._root[name], self.n_clips, self._specs[name].dtype == "str")
+        return StoredArray(self._root[name], self.n_clips, self._specs[name].dtype == "str",
+                           name, self)
+
+    # damage -------------------------------------------------------------
+    def _rows(self, first) -> np.ndarray:
+        if isinstance(first, slice):
+            return np.arange(*first.indices(self.n_clips))
+        return np.atleast_1d(np.asarray(first, dtype=np.int64))
+
+    def clip_name(self, row: int) -> str:
+        try:
+            return f"clip '{self._root['clips/id'][int(row)]}' (row {int(row)})"
+        except Exception:  # noqa: BLE001 - the id column itself may be the damaged one
+            return f"row {int(row)}"
+
+    def damage_error(self, name: str, first, err: Exception) -> StoreDamaged:
+        """The first clip among the rows read whose chunk of ``name`` cannot be read."""
+        array = self._root[name]
+        bad = None
+        for row in self._rows(first):
+            try:
+                array[int(row)]
+            except Exception:  # noqa: BLE001
+                bad = int(row)
+                break
+        where = self.clip_name(bad) if bad is not None else "some clips"
+        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return StoreDamaged(f"{self.path}: {where}: array {name} is damaged ({cause}); "
+                            f"{repair_hint(self.path)}")
+
+    def missing_chunks(self, name: str, array, rows: np.ndarray) -> list[int]:
+        """Rows among ``rows`` whose chunk file of ``name`` is absent (Zarr only)."""
+        if self.backend != "zarr" or not self._specs[name].per_clip:
+            return []
+        tail = (0,) * (len(array.shape) - 1)
+        base = self.path / name
+        return [int(r) for r in rows
+                if not (base / array.metadata.encode_chunk_key((int(r),) + tail)).is_file()]
+
+    def _checked(self, name: str) -> bool:
+        # Stores older than INTEGRITY skip chunks that equal the fill value; only features
+        # (never exactly zero for a real crop) tell damage from fill there.
+        if name == "clips/status" or not self._specs[name].per_clip:
+            return False
+        if self.integrity.get("every_chunk_written"):
+            return name.startswith(RESULT_PREFIXES) or name.startswith("clips/")
+        return name.startswith("features/")
+
+    def check_chunks(self, name: str, array, first) -> None:
+        """Refuse a read that touched an ``ok`` clip whose chunk is missing (zarr would give
+        the fill value)."""
+        if self.backend != "zarr" or not self._checked(name):
+            return
+        rows = self._rows(first)
+        if not len(rows):
+            return
+        status = self._root["clips/status"]
+        if self._ok is None:
+            self._ok = np.asarray(status[: self.n_clips]) == 1
+        ok = rows[self._ok[rows]]
+        missing = self.missing_chunks(name, array, ok)
+        if missing:
+            raise StoreDamaged(f"{self.path}: {self.clip_name(missing[0])}: array {name} has "
+                               f"lost its chunk file (it would read as zeros)"
+                               f"{f' (and {len(missing) - 1} more clips)' if len(missing) > 1 else ''}"
+                               f"; {repair_hint(self.path)}")
 
     def features(self, stream: str, flip: bool = False) -> StoredArray:
         """float16 ``[N, S, K, D]`` CLIP features of the face or context crops."""
@@ -444,11 +541,15 @@ def open_store(path: str | os.PathLike, mode: str = "r") -> FeatureStore:
 # --------------------------------------------------------------------------- writing (Zarr)
 
 def _zarr_create_array(group, name: str, spec: ArraySpec, n: int):
+    from zarr.codecs import ZstdCodec
+
     shape = (n,) + tuple(spec.tail)
     chunks = (1 if spec.per_clip else STATIC_CHUNK,) + tuple(spec.tail)
     dtype = str if spec.dtype == "str" else spec.dtype
+    # zarr's default compressor, plus zstd's content checksum: a flipped byte is an error.
     return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype,
-                              fill_value=spec.fill, overwrite=True)
+                              fill_value=spec.fill, overwrite=True,
+                              compressors=ZstdCodec(level=0, checksum=True))
 
 
 def _static_columns(rows: list[ClipRow]) -> dict[str, np.ndarray]:
@@ -469,40 +570,53 @@ def _write_rows(group, start: int, columns: dict[str, np.ndarray]) -> None:
             group[name][start:start + len(values)] = values
 
 
-def _caer_attrs(n: int, fingerprint: dict, metadata_columns: list[str]) -> dict:
-    return {"n_clips": int(n), "fingerprint": fingerprint,
-            "metadata_columns": list(metadata_columns),
-            "writer": f"caer-kit {__version__}"}
-
-
-def _sweep_partial(path: Path) -> None:
-    # zarr writes each key to NAME.<uuid>.partial and renames it; a kill leaves the temp.
-    for p in path.rglob("*.partial"):
-        p.unlink(missing_ok=True)
+def _caer_attrs(n: int, fingerprint: dict, metadata_columns: list[str],
+                integrity: dict | None) -> dict:
+    attrs = {"n_clips": int(n), "fingerprint": fingerprint,
+             "metadata_columns": list(metadata_columns),
+             "writer": f"caer-kit {__version__}"}
+    if integrity:
+        attrs["integrity"] = dict(integrity)
+    return attrs
 
 
 def create_zarr(path: Path, fingerprint: dict, rows: list[ClipRow],
                 metadata_columns: list[str], metadata: dict | None = None) -> None:
-    """Create a store with ``rows`` pending, atomically: built beside it, then renamed."""
+    """Create a store with ``rows`` pending, atomically: built beside it (``PATH.creating``,
+    marked as ours so that only ours is ever cleaned up), then renamed. Call it under the
+    store's lock (cache.lifecycle)."""
     import zarr
 
+    from cache.lifecycle import CREATING_MARKER, remove_temporary
+
     tmp = Path(str(path) + ".creating")
-    shutil.rmtree(tmp, ignore_errors=True)
-    group = zarr.open_group(str(tmp), mode="w")
-    for name, spec in array_specs(fingerprint).items():
-        _zarr_create_array(group, name, spec, len(rows))
-    _write_rows(group, 0, _static_columns(rows))
-    attrs = {"caer_kit": _caer_attrs(len(rows), fingerprint, metadata_columns)}
-    if metadata:
-        attrs["metadata"] = metadata
-    group.attrs.update(attrs)
-    os.replace(tmp, path)
+    remove_temporary(tmp)
+    try:
+        os.mkdir(tmp)
+        (tmp / CREATING_MARKER).write_text("a caer-kit store being created\n", encoding="utf-8")
+        with _writing():
+            group = zarr.open_group(str(tmp), mode="a")
+            for name, spec in array_specs(fingerprint).items():
+                _zarr_create_array(group, name, spec, len(rows))
+            _write_rows(group, 0, _static_columns(rows))
+            attrs = {"caer_kit": _caer_attrs(len(rows), fingerprint, metadata_columns,
+                                             INTEGRITY)}
+            if metadata:
+                attrs["metadata"] = metadata
+            group.attrs.update(attrs)
+        (tmp / CREATING_MARKER).unlink()
+        os.replace(tmp, path)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # ours: made just now by os.mkdir
+        from cache.atomic import write_failed
+
+        raise write_failed(err, path, "create the store") from None
 
 
 class StoreWriter(FeatureStore):
     """A Zarr store open for writing results (extract). Read methods work as well."""
 
-    def __init__(self, path: Path, sweep: bool = True):
+    def __init__(self, path: Path):
         import zarr
 
         path = Path(path)
@@ -510,24 +624,56 @@ class StoreWriter(FeatureStore):
             raise StoreError(f"{path}: HDF5 stores are written through their staging Zarr store")
         if not path.is_dir():
             raise StoreError(f"{path}: no such store")
-        if sweep:  # only when no other process writes (torchrun: rank 0, before the others)
-            _sweep_partial(path)
-        super().__init__(path, zarr.open_group(str(path), mode="r+"), "zarr")
+        with _writing():
+            super().__init__(path, zarr.open_group(str(path), mode="r+"), "zarr")
 
     def extend(self, rows: list[ClipRow], metadata_columns: list[str]) -> None:
         """Add pending clips. Safe to repeat after a kill: the commit is ``n_clips``."""
         n_old, n_new = self.n_clips, self.n_clips + len(rows)
         columns = list(dict.fromkeys(self.metadata_columns + list(metadata_columns)))
-        for name in self._specs:
-            self._root[name].resize((n_new,) + tuple(self._root[name].shape[1:]))
-        _write_rows(self._root, n_old, _static_columns(rows))
-        self._root.attrs["caer_kit"] = _caer_attrs(n_new, self.fingerprint, columns)
+        with _writing():
+            for name in self._specs:
+                self._root[name].resize((n_new,) + tuple(self._root[name].shape[1:]))
+            _write_rows(self._root, n_old, _static_columns(rows))
+            self._root.attrs["caer_kit"] = _caer_attrs(n_new, self.fingerprint, columns,
+                                                       self.integrity)
         self.n_clips, self.metadata_columns, self._manifest = n_new, columns, None
+        self._ok = None
+
+    def update_rows(self, updates: dict[int, ClipRow]) -> None:
+        """Rewrite the annotation columns of failed clips whose list entry was fixed
+        (``--retry-failed``); their ids stay."""
+        with _writing():
+            for i, row in sorted(updates.items()):
+                for name, values in _static_columns([row]).items():
+                    self._root[name][i] = values[0]
+        self._manifest = None
+
+    def mark_pending(self, rows) -> None:
+        """Make clips pending again (``--redo-damaged``): their per-clip columns are cleared,
+        so a damaged one of those reads again; the next run redoes them."""
+        with _writing():
+            for i in rows:
+                for name, spec in self._specs.items():
+                    if spec.per_clip and name.startswith("clips/"):
+                        self._root[name][int(i)] = spec.fill
+        self._manifest, self._ok = None, None
 
     def write_clip(self, i: int, result: ClipResult) -> None:
         """Write one clip's results; its status goes last (the clip's commit point)."""
         if result.status not in ("ok", "failed"):
             raise ValueError(f"a finished clip is ok or failed, not {result.status}")
+        try:
+            with _writing():
+                self._write_clip(i, result)
+        except OSError as err:
+            from cache.atomic import write_failed
+
+            raise write_failed(err, self.path, f"write {self.clip_name(i)} (the clips "
+                                               f"finished so far are kept)") from None
+        self._manifest, self._ok = None, None
+
+    def _write_clip(self, i: int, result: ClipResult) -> None:
         r = self._root
         for name, value in (("clips/reason", result.reason), ("clips/note", result.note),
                             ("clips/n_frames", result.n_frames), ("clips/fps", result.fps),
@@ -546,15 +692,16 @@ class StoreWriter(FeatureStore):
             for stream, value in result.pixels.items():
                 r[f"pixels/{stream}"][i] = value
         r["clips/status"][i] = STATUS_NAMES.index(result.status)
-        self._manifest = None
 
     def reset_failed(self) -> int:
         """Mark failed clips pending again (``--retry-failed``); returns how many."""
         status = self._root["clips/status"][: self.n_clips]
         failed = np.flatnonzero(status == 2)
-        for i in failed:
-            self._root["clips/reason"][int(i)] = ""
-            self._root["clips/status"][int(i)] = 0
+        with _writing():
+            for i in failed:
+                self._root["clips/reason"][int(i)] = ""
+                self._root["clips/status"][int(i)] = 0
+        self._manifest, self._ok = None, None
         return len(failed)
 
 
@@ -564,57 +711,105 @@ def export_hdf5(staging: Path, path: Path) -> None:
     """Write a finished staging Zarr store to ``path`` (.h5) atomically, same contents."""
     import h5py
 
+    from cache.lifecycle import remove_temporary
+
     src = open_store(staging)
     tmp = Path(str(path) + ".writing")
-    tmp.unlink(missing_ok=True)
-    with h5py.File(tmp, "w") as f:
-        f.attrs["caer_kit"] = json.dumps(_caer_attrs(src.n_clips, src.fingerprint,
-                                                     src.metadata_columns), sort_keys=True)
-        if src.metadata:
-            f.attrs["metadata"] = json.dumps(src.metadata, sort_keys=True)
-        for name, spec in src._specs.items():
-            shape = (src.n_clips,) + tuple(spec.tail)
-            dtype = h5py.string_dtype() if spec.dtype == "str" else spec.dtype
-            chunks = (1,) + tuple(spec.tail) if spec.per_clip else None
-            ds = f.create_dataset(name, shape=shape, dtype=dtype, maxshape=(None,) + spec.tail,
-                                  chunks=chunks if src.n_clips else True,
-                                  fillvalue=None if spec.dtype == "str" else spec.fill,
-                                  compression="lzf" if spec.tail else None)
-            _copy_rows(src.array(name), ds)
-    src.close()
-    os.replace(tmp, path)
+    remove_temporary(tmp)
+    integrity = {"checksum": "fletcher32",
+                 "every_chunk_written": bool(src.integrity.get("every_chunk_written"))}
+    try:
+        with h5py.File(tmp, "w-") as f:  # w-: never through a link planted at the name
+            f.attrs["caer_kit"] = json.dumps(_caer_attrs(src.n_clips, src.fingerprint,
+                                                         src.metadata_columns, integrity),
+                                             sort_keys=True)
+            if src.metadata:
+                f.attrs["metadata"] = json.dumps(src.metadata, sort_keys=True)
+            for name, spec in src._specs.items():
+                shape = (src.n_clips,) + tuple(spec.tail)
+                dtype = h5py.string_dtype() if spec.dtype == "str" else spec.dtype
+                chunks = (1,) + tuple(spec.tail) if spec.per_clip else None
+                ds = f.create_dataset(name, shape=shape, dtype=dtype,
+                                      maxshape=(None,) + spec.tail,
+                                      chunks=chunks if src.n_clips else True,
+                                      fillvalue=None if spec.dtype == "str" else spec.fill,
+                                      compression="lzf" if spec.tail else None,
+                                      fletcher32=spec.dtype != "str")
+                _copy_rows(src.array(name), ds)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)  # ours: h5py created it exclusively
+        from cache.atomic import write_failed
+
+        raise write_failed(err, path, "write the HDF5 store (the finished staging store "
+                                      f"{staging} is kept)") from None
+    finally:
+        src.close()
 
 
-def import_hdf5(path: Path, staging: Path) -> None:
+def import_hdf5(path: Path, staging: Path, skip_damaged: bool = False) -> None:
     """Turn an existing ``.h5`` store back into a staging Zarr store (to append to it).
-    Built beside the staging path and renamed, so a kill leaves no half-imported store."""
+    Built beside the staging path and renamed, so a kill leaves no half-imported store.
+    ``skip_damaged``: clips whose chunks do not read are imported as pending (redone)."""
     import zarr
+
+    from cache.lifecycle import remove_temporary
 
     src = open_store(path)
     tmp = Path(str(staging) + ".importing")
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_temporary(tmp)
     create_zarr(tmp, src.fingerprint, [], src.metadata_columns, src.metadata)
-    group = zarr.open_group(str(tmp), mode="r+")
-    for name in src._specs:
-        group[name].resize((src.n_clips,) + tuple(group[name].shape[1:]))
-        _copy_rows(src.array(name), group[name])
-    group.attrs["caer_kit"] = _caer_attrs(src.n_clips, src.fingerprint, src.metadata_columns)
-    src.close()
-    os.replace(tmp, staging)
+    try:
+        with _writing():
+            group = zarr.open_group(str(tmp), mode="r+")
+            damaged: set[int] = set()
+            for name in src._specs:
+                group[name].resize((src.n_clips,) + tuple(group[name].shape[1:]))
+                damaged |= _copy_rows(src.array(name), group[name], skip_damaged)
+            for i in sorted(damaged):
+                for name, spec in src._specs.items():
+                    if spec.per_clip and name.startswith("clips/"):
+                        group[name][i] = spec.fill
+            group.attrs["caer_kit"] = _caer_attrs(src.n_clips, src.fingerprint,
+                                                  src.metadata_columns, INTEGRITY)
+        os.replace(tmp, staging)
+    except OSError as err:
+        remove_store(tmp)
+        from cache.atomic import write_failed
+
+        raise write_failed(err, staging, "create the staging store") from None
+    finally:
+        src.close()
 
 
 def remove_store(path: Path) -> None:
     """Delete a Zarr store so that a kill midway leaves either all of it or none of it."""
+    from cache.lifecycle import remove_temporary
+
     doomed = Path(str(path) + ".deleting")
     if path.exists():
         os.replace(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
+    remove_temporary(doomed)
 
 
-def _copy_rows(src: StoredArray, dst, rows_per_step: int = 64) -> None:
+def _copy_rows(src: StoredArray, dst, skip_damaged: bool = False,
+               rows_per_step: int = 64) -> set[int]:
+    """Copy every row; with ``skip_damaged`` the rows that do not read are left out and
+    returned (per-clip arrays only)."""
+    skipped: set[int] = set()
     for start in range(0, len(src), rows_per_step):
         stop = min(len(src), start + rows_per_step)
-        dst[start:stop] = src[start:stop]
+        try:
+            dst[start:stop] = src[start:stop]
+        except StoreDamaged:
+            if not skip_damaged or not src._owner._specs[src.name].per_clip:
+                raise
+            for i in range(start, stop):
+                try:
+                    dst[i] = src[i]
+                except StoreDamaged:
+                    skipped.add(i)
+    return skipped
 
 
 # --------------------------------------------------------------------------- from arrays
@@ -629,6 +824,8 @@ def build_store_from_arrays(path, *, face, context, labels, splits, ids=None, fi
     ``make_fingerprint`` dict or a partial one (missing keys take extract's defaults and the
     array shapes). Every clip is written as ok with its face found. Returns the open store.
     """
+    import zarr
+
     path = Path(path)
     face, context = _as_nskd(face), _as_nskd(context)
     n, s, k, d = face.shape
@@ -649,12 +846,27 @@ def build_store_from_arrays(path, *, face, context, labels, splits, ids=None, fi
         raise StoreError(f"labels must be in 0..{len(label_set) - 1}")
     if path.exists():
         raise StoreError(f"{path}: already exists")
+    from cache.lifecycle import remove_temporary
+
     target = staging_path(path) if is_hdf5(path) else path
-    shutil.rmtree(target, ignore_errors=True)
+    if target != path:
+        remove_temporary(target)
     rows = [ClipRow(ids[i], ids[i], int(labels[i]), splits[i]) for i in range(n)]
     create_zarr(target, fp, rows, [], metadata)
     writer = StoreWriter(target)
-    r = writer._root
+    with _writing():
+        r = zarr.open_group(str(target), mode="r+")
+        _fill_arrays(r, n, s, k, face, context, face_flip, context_flip, pixels_face,
+                     pixels_context)
+    writer.close()
+    if is_hdf5(path):
+        export_hdf5(target, path)
+        remove_store(target)
+    return open_store(path)
+
+
+def _fill_arrays(r, n, s, k, face, context, face_flip, context_flip, pixels_face,
+                 pixels_context) -> None:
     step = 64
     views = {"face": face, "context": context, "face_flip": face_flip, "context_flip": context_flip}
     for start in range(0, n, step):
@@ -672,12 +884,10 @@ def build_store_from_arrays(path, *, face, context, labels, splits, ids=None, fi
         r["faces/found"][sl] = True
         r["faces/score"][sl] = 1.0
         r["clips/n_frames"][sl] = s * k
+        for name in ("clips/reason", "clips/note", "clips/fps", "clips/width", "clips/height",
+                     "faces/box"):  # every chunk of an ok clip exists (INTEGRITY)
+            r[name][sl] = r[name].fill_value
         r["clips/status"][sl] = 1
-    writer.close()
-    if is_hdf5(path):
-        export_hdf5(target, path)
-        remove_store(target)
-    return open_store(path)
 
 
 def _as_nskd(x) -> np.ndarray:

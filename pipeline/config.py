@@ -113,7 +113,14 @@ class ExtractConfig:
                                      "else fp32.", choices=("auto", "fp32", "bf16", "fp16"))
     cache: str = _option("features.zarr", "A .zarr directory, or a .h5 file (single process "
                                           "only).", metavar="PATH")
-    retry_failed: bool = _option(False, "Redo clips the store records as failed.")
+    retry_failed: bool = _option(False, "Redo clips the store records as failed; a failed clip "
+                                        "whose list entry was fixed (path, label, split) "
+                                        "takes the corrected entry.")
+    # --- store safety (issue 12) ---
+    redo_damaged: bool = _option(False, "Read every chunk first (as `info --verify`) and "
+                                        "extract the clips with damaged chunks again.")
+    wait: bool = _option(False, "If another extract is writing this store, wait for it to "
+                                "finish instead of stopping at once.")
     quiet: bool = _option(False, "No progress bar; a log line every 10%.")
 
 

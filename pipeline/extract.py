@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cache.store import (ClipResult, ClipRow, StoreError, StoreWriter, create_zarr,
-                         describe_mismatch, export_hdf5, fingerprint_mismatch, import_hdf5,
-                         is_hdf5, make_fingerprint, open_store, remove_store,
-                         staging_path)
+from cache.lifecycle import prepare_store, resolve_cache
+from cache.lock import StoreLock
+from cache.store import (ClipResult, ClipRow, StoreWriter, export_hdf5, is_hdf5,
+                         make_fingerprint, open_store, remove_store, staging_path)
 from pipeline.boxes import BoxFile, load_body_boxes, load_face_boxes
 from pipeline.clip import resolve_precision
 from cache.core.runtime import Distributed as Dist
@@ -217,61 +217,8 @@ def _to_clip_result(result: PreparedClip, features: np.ndarray | None, fp: dict)
 
 # --------------------------------------------------------------------------- the run
 
-def _prepare_store(cfg: ExtractConfig, target: Path, fp: dict, rows: list[ClipRow],
-                   meta_columns: list[str]) -> bool:
-    """Create the store, or check it and add the new clips (rank 0 only). Checks come
-    before any write, so a refused run changes nothing. Returns False when a finished
-    ``.h5`` store already holds everything asked for (nothing to do)."""
-    cache = Path(cfg.cache)
-    shutil.rmtree(str(target) + ".deleting", ignore_errors=True)  # a deletion a kill cut short
-    if not target.exists() and is_hdf5(cache) and cache.exists():
-        stored = open_store(cache)
-        new_rows = _check_compatible(stored, fp, rows, cfg.cache)
-        todo = (stored.status == 0).any() or (cfg.retry_failed and (stored.status == 2).any())
-        stored.close()
-        if not new_rows and not todo:
-            return False
-        import_hdf5(cache, target)
-    if not target.exists():
-        create_zarr(target, fp, rows, meta_columns)
-        return True
-    writer = StoreWriter(target)
-    new_rows = _check_compatible(writer, fp, rows, cfg.cache)
-    if new_rows:
-        writer.extend(new_rows, meta_columns)
-    elif set(meta_columns) - set(writer.metadata_columns):
-        writer.extend([], meta_columns)
-    if cfg.retry_failed:
-        writer.reset_failed()
-    return True
-
-
-def _check_compatible(store, fp: dict, rows: list[ClipRow], cache: str) -> list[ClipRow]:
-    """Refuse different options or clashing ids; return the rows the store lacks."""
-    differ = fingerprint_mismatch(store.fingerprint, fp)
-    if differ:
-        raise StoreError(f"{cache} was built with other options: "
-                         f"{describe_mismatch(store.fingerprint, fp, differ)}; use the store's "
-                         f"options or another --cache")
-    manifest = store.manifest
-    known = {r.id: (r.path, int(r.label), r.split) for r in manifest.itertuples()}
-    new = []
-    for row in rows:
-        if row.id not in known:
-            new.append(row)
-        elif known[row.id] != (row.path, row.label, row.split):
-            path, label, split = known[row.id]
-            raise StoreError(f"{cache} already holds clip id '{row.id}' as path {path}, "
-                             f"label {label}, split '{split}'; the annotations now say "
-                             f"{row.path}, label {row.label}, split '{row.split}'")
-    return new
-
-
 def run_extract(cfg: ExtractConfig) -> ExtractSummary:
     """Extract every clip the annotation files name into ``cfg.cache``."""
-    from pipeline.annotations import read_annotations
-    from pipeline.labels import load_label_set
-
     t_start = time.perf_counter()
     if cfg.preset not in CHOICES["preset"]:
         raise CaerError(f"--preset must be one of {', '.join(CHOICES['preset'])}, "
@@ -279,7 +226,24 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
     cfg = cfg.resolved()
     cfg.validate()
     d = Dist.from_env()
-    cache = Path(cfg.cache)
+    # Before anything is read or written: a path that is not positively a store is refused.
+    cache = resolve_cache(cfg.cache)
+    # One writer per store, for the whole run. Under torchrun rank 0 takes it once the
+    # process group exists, so that a refusal reaches every rank.
+    lock = StoreLock(cache, wait=cfg.wait)
+    if d.world == 1:
+        lock.acquire()
+    try:
+        return _extract_locked(cfg, d, cache, lock, t_start)
+    finally:
+        lock.release()
+
+
+def _extract_locked(cfg: ExtractConfig, d: Dist, cache: Path, lock: StoreLock,
+                    t_start: float) -> ExtractSummary:
+    from pipeline.annotations import read_annotations
+    from pipeline.labels import load_label_set
+
     if d.world > 1 and is_hdf5(cache):
         raise CaerError(f"--cache {cfg.cache}: HDF5 allows one writer, and this is a "
                         f"{d.world}-process torchrun; use a .zarr cache (convert later if "
@@ -320,7 +284,12 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
         outcome = None  # (message, exit status) of a refusal, else whether there is work
         if d.rank == 0:
             try:
-                outcome = _prepare_store(cfg, target, fp, rows, meta_columns)
+                if d.world > 1:
+                    lock.acquire()
+                outcome = prepare_store(cache, fp, rows, meta_columns,
+                                        retry_failed=cfg.retry_failed,
+                                        redo_damaged=cfg.redo_damaged,
+                                        progress=not cfg.quiet)
             except Exception as err:  # noqa: BLE001 - the other ranks must hear of it
                 if d.world == 1 and not isinstance(err, CaerError):
                     raise
@@ -349,7 +318,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
     store.close()
     failed = manifest[manifest.status == "failed"]
     boxes = box_lines(cache, face_file, body_file, matched) if d.rank == 0 else []
-    return ExtractSummary(str(cache), len(manifest), int((manifest.status == "ok").sum()),
+    return ExtractSummary(str(cfg.cache), len(manifest), int((manifest.status == "ok").sum()),
                           len(failed), done_all, time.perf_counter() - t_start,
                           list(zip(failed["id"], failed["reason"]))[:5], t_process,
                           encoder.encode_seconds, encoder.n_batches, t_startup, boxes)
@@ -381,7 +350,7 @@ def _run_share(cfg: ExtractConfig, d: Dist, target: Path, clip, encoder: BatchEn
     processing, seconds starting the workers). ``roots`` maps this run's clip ids to their
     root; a pending clip of an earlier run falls back on --root."""
     fallback_root = os.path.abspath(cfg.root) if cfg.root is not None else None
-    writer = StoreWriter(target, sweep=False) if d.rank else StoreWriter(target)
+    writer = StoreWriter(target)
     pending = np.flatnonzero(writer.status == 0)
     mine = pending[d.rank::d.world]
     manifest = writer.manifest

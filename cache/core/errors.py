@@ -16,3 +16,10 @@ def first_line(err: BaseException) -> str:
     """An exception's first non-empty line, or its type's name: one line for a message."""
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
+
+
+class WriteFailed(CaerError):
+    """The system refused a write (disk full, read-only file system, permission); nothing
+    half-written is left behind."""
+
+    exit_code = 4
