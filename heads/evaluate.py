@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import pandas as pd
 import torch
 
 from cache import fingerprint_mismatch, open_store
+from cache.atomic import atomic_write, atomic_write_text, output_dir, refuse_symlink
 from cache.store import FINGERPRINT_DEFAULTS, FINGERPRINT_OPTIONS
 from heads.config import EvaluateConfig  # noqa: F401 - heads.evaluate.EvaluateConfig as before
 from heads.metrics import Report, compute_grouped, compute_report, format_table, plot_confusion
@@ -223,6 +225,9 @@ def evaluate(cfg: EvaluateConfig, write: bool = True, progress: bool = True) -> 
     out = None
     if write:
         out = Path(cfg.out) if cfg.out else default_out(cfg)
+        if not cfg.out:  # a shared run's eval/ folder may hold a planted link too
+            refuse_symlink(out.parent, "the run's eval folder")
+        refuse_symlink(out, "--out")
         if out.exists() and not out.is_dir():
             raise CaerError(f"--out {out}: exists and is not a directory")
     check_device(cfg.device)
@@ -325,15 +330,21 @@ def _evaluate_store(cfg: EvaluateConfig, run_config: dict, store, progress: bool
 
 
 def write_outputs(report: Report, predictions: pd.DataFrame, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False)
-                                     + "\n", encoding="utf-8")
-    predictions.to_csv(out / "predictions.csv", index=False, float_format="%.6f")
+    """Each file through a temporary and a rename (cache.atomic): a link planted in ``out``
+    is replaced, never followed."""
+    output_dir(out, "--out")
+    if os.path.lexists(out / "report.json"):
+        log.info("evaluate: replacing the earlier report in %s", out)
+    atomic_write_text(out / "report.json",
+                      json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
+    atomic_write(out / "predictions.csv",
+                 lambda tmp: predictions.to_csv(tmp, index=False, float_format="%.6f"))
     source = report.source
     title = (f"{Path(source.get('run', '')).name} on {Path(source.get('cache', '')).name} "
              f"[{source.get('split', '')}]\n"
              f"UAR {_pct(report.uar)} %   WAR {_pct(report.war)} %   n = {report.n}")
-    plot_confusion(report, out / "confusion_matrix.png", title=title)
+    atomic_write(out / "confusion_matrix.png",
+                 lambda tmp: plot_confusion(report, tmp, title=title))
 
 
 def _pct(value):

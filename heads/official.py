@@ -48,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+from cache.atomic import refuse_symlink
 from pipeline.config import PRESETS
 from pipeline.errors import CaerError
 
@@ -516,6 +517,7 @@ def import_official(cfg: "ImportOfficialConfig") -> Path:  # noqa: F821 - heads.
 
     cfg.validate()
     checkpoint, out, labels, force = Path(cfg.checkpoint), Path(cfg.out), cfg.labels, cfg.force
+    refuse_symlink(out, "--out")  # --force replaces a run, never what a link points to
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not force:
             raise CaerError(f"--out {out} exists and is not empty; choose another directory or "
@@ -586,6 +588,7 @@ def import_official(cfg: "ImportOfficialConfig") -> Path:  # noqa: F821 - heads.
                         "epoch": obj.get("epoch"), "best_acc": _plain(obj.get("best_acc"))},
              "prompt_token_ids_exact": exact}
     if out.exists() and force:
+        refuse_symlink(out, "--out")
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     save_run(out, model, kind="import-official", train_options={}, cache_fingerprint=None,
              extra=extra, save_clip=True,

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from cache.atomic import atomic_write, atomic_write_text, output_dir, write_failed
 from heads.model import CaerModel, HeadConfig
 from heads.run_checks import RunError
 from pipeline import __version__
@@ -85,22 +86,22 @@ def save_run(directory: str | os.PathLike, model: CaerModel, *, kind: str, train
                 image_size=int(model.clip.config.vision_config.image_size))
     prep.update(preprocessing or {})
 
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG).unlink(missing_ok=True)  # an interrupted save leaves no config.json
+    output_dir(directory, "run directory")
+    # An interrupted save leaves no config.json (unlink removes a planted link, not its target).
+    (directory / CONFIG).unlink(missing_ok=True)
     clip_info = {"spec": model.clip_spec, "revision": model.clip_revision, "dir": None,
                  "weights_digest": None, "image_encoder_trained": model.image_encoder_trained}
     if save_clip:
-        LoadedClip(model.clip, model.tokenizer, model.clip_spec, model.clip_revision).save(
-            directory / CLIP_DIR)
+        _save_clip_dir(LoadedClip(model.clip, model.tokenizer, model.clip_spec,
+                                  model.clip_revision), directory / CLIP_DIR)
         clip_info.update(dir=CLIP_DIR, weights_digest=weights_digest(model.clip))
 
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()
              if not (save_clip and k.startswith(_IMAGE_ENCODER))}
-    tmp = directory / (WEIGHTS + ".tmp")
-    save_file(state, str(tmp), metadata={"format": FORMAT, "kind": kind})
-    tmp.replace(directory / WEIGHTS)
+    atomic_write(directory / WEIGHTS,
+                 lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT, "kind": kind}))
 
     config = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
@@ -114,14 +115,34 @@ def save_run(directory: str | os.PathLike, model: CaerModel, *, kind: str, train
         "train": train_options,
         "extra": extra or {},
     }
-    tmp = directory / (CONFIG + ".tmp")
     text = json.dumps(config, indent=2, default=str)
     # One line per prompt's token ids instead of one line per id.
     text = re.sub(r"\[\s+(-?\d+(?:,\s+-?\d+)*)\s+\]",
                   lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text)
-    tmp.write_text(text + "\n", encoding="utf-8")
-    tmp.replace(directory / CONFIG)
+    atomic_write_text(directory / CONFIG, text + "\n")
     return directory
+
+
+def _save_clip_dir(clip: LoadedClip, target: Path) -> None:
+    """save_pretrained into a fresh folder beside ``target``, then swap it in: a link planted
+    at ``target`` (or inside it) is replaced, never written through."""
+    import shutil
+    import tempfile
+
+    fresh = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        clip.save(fresh)
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        elif target.is_dir():
+            shutil.rmtree(target)  # the run's own CLIP copy, inside the run directory
+        os.replace(fresh, target)
+    except OSError as err:
+        shutil.rmtree(fresh, ignore_errors=True)
+        raise write_failed(err, target) from None
+    except BaseException:
+        shutil.rmtree(fresh, ignore_errors=True)
+        raise
 
 
 def read_run_config(directory: str | os.PathLike) -> dict:

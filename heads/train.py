@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from cache.atomic import atomic_write, atomic_write_text, output_dir, refuse_symlink
 from heads.config import FinetuneConfig, TrainConfig
 from heads.data import (AUGMENTATIONS, FeatureBank, PixelClips, Splits, clip_generator, clip_seed,
                         split_clips)
@@ -84,7 +85,7 @@ def _fit_seeds(config: TrainConfig, kind: str) -> dict:
                             if len(values) > 1 else 0.0, "values": values}
     summary["per_seed"] = results
     if _rank() == 0:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         for key in ("val_uar", "val_war"):
             if key in summary:
                 log.info("%s over seeds %s: %.2f +- %.2f %%", key, ",".join(map(str, config.seeds)),
@@ -142,6 +143,7 @@ def _check_options(config: TrainConfig, kind: str) -> None:
 
 def _check_out(config: TrainConfig) -> None:
     out = Path(config.out)
+    refuse_symlink(out, "--out")
     if out.exists() and not out.is_dir():
         raise CaerError(f"--out {out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not config.resume:
@@ -280,10 +282,13 @@ def fit(config: TrainConfig, kind: str, seed: int, run_dir: Path) -> dict:
     micro_batch = config.batch_size // (world * getattr(config, "accumulate", 1))
 
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        output_dir(run_dir, "run directory")
         _trim_metrics(run_dir / METRICS, state.epoch)
-        for partial_write in ckpt_dir.glob("*.tmp"):  # left by a kill mid-save
-            partial_write.unlink()
+        if ckpt_dir.is_dir():
+            output_dir(ckpt_dir, "checkpoint directory")
+            for partial_write in ckpt_dir.glob(".*.tmp"):  # cache.atomic's, left by a kill
+                if partial_write.is_file() and not partial_write.is_symlink():
+                    partial_write.unlink()
     history = _read_metrics(run_dir / METRICS)
 
     # ---- fit --------------------------------------------------------------------------------
@@ -331,8 +336,7 @@ def fit(config: TrainConfig, kind: str, seed: int, run_dir: Path) -> dict:
             state.finished = state.epoch == config.epochs
         if rank == 0:
             _log_epoch(record, config.epochs)
-            with open(run_dir / METRICS, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
+            _write_metrics(run_dir / METRICS, history)  # history ends with this record
             improved = val.get("uar") is not None and (state.best_val_uar is None
                                                        or val["uar"] > state.best_val_uar)
             if improved:
@@ -659,12 +663,11 @@ def _save_weights(directory: Path, name: str, trainable: dict, info: dict,
     last, so a kill leaves either the old or the new checkpoint, never a mix."""
     from safetensors.torch import save_file
 
-    directory.mkdir(parents=True, exist_ok=True)
+    output_dir(directory, "checkpoint directory")
     tag = f"{name}-{info['epoch']:04d}{'p' if info.get('partial') else ''}"
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in trainable.items()}
     tensors.update(extra_tensors or {})
-    save_file(tensors, str(directory / f"{tag}.safetensors.tmp"))
-    os.replace(directory / f"{tag}.safetensors.tmp", directory / f"{tag}.safetensors")
+    atomic_write(directory / f"{tag}.safetensors", lambda tmp: save_file(tensors, str(tmp)))
     old = _read_json(directory / f"{name}.json")
     _write_json(directory / f"{name}.json", {**info, "weights": f"{tag}.safetensors"})
     if old and old.get("weights") != f"{tag}.safetensors":
@@ -757,9 +760,12 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _write_metrics(path: Path, records: list[dict]) -> None:
+    # Rewritten whole (a few lines per epoch), so that a link planted there is replaced.
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 # ============================================================================ metrics, curves
@@ -774,7 +780,7 @@ def _trim_metrics(path: Path, finished_epochs: int) -> None:
     """Drop lines of epochs after the checkpoint (a kill between log and checkpoint)."""
     kept = [r for r in _read_metrics(path) if r["epoch"] <= finished_epochs and not r.get("partial")]
     if path.is_file() or kept:
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        _write_metrics(path, kept)
 
 
 def _log_epoch(record: dict, epochs: int) -> None:
@@ -807,7 +813,7 @@ def _plot_curves(history: list[dict], path: Path) -> None:
     ax_metric.set(xlabel="epoch", ylabel="%", title="recall", ylim=(0, 100))
     ax_metric.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
 
 

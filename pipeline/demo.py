@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from cache.atomic import atomic_write, atomic_write_bytes, atomic_write_text, refuse_symlink
 from heads.config import DemoConfig  # noqa: F401 - pipeline.demo.DemoConfig as before
 from pipeline.errors import CaerError
 
@@ -238,9 +240,13 @@ def render_clip(plan: ClipPlan, sources: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def _write_mp4(path: Path, frames: np.ndarray) -> None:
+    atomic_write(path, lambda tmp: _encode_mp4(tmp, frames))
+
+
+def _encode_mp4(path: Path, frames: np.ndarray) -> None:
     import av
 
-    with av.open(str(path), mode="w") as container:
+    with av.open(str(path), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=FPS)
         stream.width, stream.height, stream.pix_fmt = FRAME_W, FRAME_H, "yuv420p"
         stream.options = {"crf": "20", "preset": "veryfast"}
@@ -254,7 +260,8 @@ def _write_frame_folder(directory: Path, frames: np.ndarray) -> None:
 
     directory.mkdir(parents=True, exist_ok=True)
     for i, frame in enumerate(frames, start=1):  # 1.jpg, 2.jpg, ..., 10.jpg: as RAER names them
-        Image.fromarray(frame).save(directory / f"{i}.jpg", quality=90)
+        atomic_write(directory / f"{i}.jpg", lambda tmp: Image.fromarray(frame).save(
+            tmp, format="JPEG", quality=90))
 
 
 def label_set_dict() -> dict:
@@ -275,11 +282,12 @@ def build_demo_dataset(root: str | Path, clips_per_class: int = 14, seed: int = 
     sources = load_sources()
 
     labels_path = root / "labels.yaml"
-    labels_path.write_text(
+    atomic_write_text(
+        labels_path,
         "# The demo's label set: five SCENES, not emotions. The same shape as any\n"
         "# --labels FILE: a name and, per class, a descriptor (face and context prompts) and a\n"
         "# face-only descriptor (--streams face).\n"
-        + yaml.safe_dump(label_set_dict(), sort_keys=False, width=100), encoding="utf-8")
+        + yaml.safe_dump(label_set_dict(), sort_keys=False, width=100))
 
     csv_rows, list_lines = [], {s: [] for s in SPLITS}
     counts = {c.name: {s: 0 for s in SPLITS} for c in CLASSES}
@@ -300,15 +308,16 @@ def build_demo_dataset(root: str | Path, clips_per_class: int = 14, seed: int = 
                              "scene": cls.scene, "lighting": plan.lighting})
 
     videos_csv = root / "videos.csv"
-    with open(videos_csv, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(csv_rows[0]))
-        writer.writeheader()
-        writer.writerows(csv_rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(csv_rows[0]))
+    writer.writeheader()
+    writer.writerows(csv_rows)
+    atomic_write_bytes(videos_csv, text.getvalue().encode("utf-8"))
     list_files = {}
     for split in SPLITS:
         if list_lines[split]:
             list_files[split] = root / f"frames_{split}.txt"
-            list_files[split].write_text("\n".join(list_lines[split]) + "\n", encoding="utf-8")
+            atomic_write_text(list_files[split], "\n".join(list_lines[split]) + "\n")
     return DemoDataset(root, labels_path, videos_csv, list_files, len(plans), counts)
 
 
@@ -360,6 +369,7 @@ def _stage(number: int, name: str, text: str = "") -> None:
 def _prepare_out(out: Path) -> None:
     import shutil
 
+    refuse_symlink(out, "--out")
     if out.exists() and not out.is_dir():
         raise CaerError(f"--out {out}: is a file; give a directory")
     if out.is_dir() and any(out.iterdir()):
@@ -368,8 +378,8 @@ def _prepare_out(out: Path) -> None:
                             f"empty directory (the demo replaces only what it wrote itself)")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("written by `python cli.py demo`; a rerun replaces this "
-                              "directory\n", encoding="utf-8")
+    atomic_write_text(out / MARKER, "written by `python cli.py demo`; a rerun replaces this "
+                                    "directory\n")
 
 
 def run_demo(config: DemoConfig) -> dict:
@@ -508,6 +518,6 @@ def run_demo(config: DemoConfig) -> dict:
                    "selected_epoch": result.get("selected_epoch"),
                    "confusion_matrix": str(png), "report": str(report_dir / "report.json"),
                    "run": str(run), "cache": str(cache), **analyses}
-    (out / "demo.json").write_text(json.dumps(summary_out, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(out / "demo.json", json.dumps(summary_out, indent=2) + "\n")
     return summary_out
 
