@@ -159,7 +159,9 @@ def extract(**options):
 @click.option("--json", "as_json", is_flag=True, help="Everything as one JSON object on stdout.")
 @click.option("--all", "show_all", is_flag=True, help="List every clip, not only the lowest "
               "face rates and the failures.")
-def info(cache, as_json, show_all):
+@click.option("--verify", is_flag=True, help="Read every chunk back first and list each clip "
+              "whose chunks are missing or damaged (exit status 2 if any).")
+def info(cache, as_json, show_all, verify):
     """Summarise a cache: counts, failures with reasons, face-detection rate, fingerprint.
 
     \b
@@ -168,11 +170,27 @@ def info(cache, as_json, show_all):
     clips (id, path, label, split, status, face_rate), fingerprint and arrays.
     Example:
       python cli.py info raer.zarr --json
+      python cli.py info raer.zarr --verify
     """
     import json
 
-    from cache.info import info_text, store_info
+    from cache.info import info_text, store_info, verify_text
 
+    if verify:
+        from cache import open_store
+        from cache.verify import verify_store
+
+        with open_store(cache) as store:
+            damage = verify_store(store, progress=not as_json)
+        if damage:
+            if as_json:
+                click.echo(json.dumps({"cache": cache, "damaged": [d.__dict__ for d in damage]},
+                                      indent=1))
+            else:
+                click.echo(verify_text(cache, damage))
+            sys.exit(2)
+        if not as_json:
+            click.echo(f"verify: every chunk of {cache} reads back intact")
     data = store_info(cache)
     if as_json:
         click.echo(json.dumps(data, indent=1))

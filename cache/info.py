@@ -110,3 +110,17 @@ def info_text(data: dict, show_all: bool = False, lowest: int = 10) -> str:
     lines += [f"  {name:22s} {a['dtype']:8s} {tuple(a['shape'])}"
               for name, a in data["arrays"].items()]
     return "\n".join(lines)
+
+
+def verify_text(cache, damage) -> str:
+    """What ``info --verify`` prints for a damaged store: one line per damaged chunk."""
+    clips = {d.row for d in damage if d.redoable}
+    lines = [f"verify: {cache}: {len(damage)} damaged chunks in {len(clips)} clips"]
+    lines += [f"  {d.describe()}" for d in damage]
+    if clips:
+        lines.append("repair: run the same extract command with --redo-damaged (re-extracts "
+                     "only these clips)")
+    if any(not d.redoable for d in damage):
+        lines.append("the clip list itself (clips/id, path, label, split) is damaged: "
+                     "re-extracting cannot repair it; extract into a new store")
+    return "\n".join(lines)

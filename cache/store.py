@@ -343,9 +343,12 @@ class FeatureStore:
 
     def clip_name(self, row: int) -> str:
         try:
-            return f"clip '{self._root['clips/id'][int(row)]}' (row {int(row)})"
+            clip_id = self._root["clips/id"][int(row)]
         except Exception:  # noqa: BLE001 - the id column itself may be the damaged one
             return f"row {int(row)}"
+        if isinstance(clip_id, bytes):  # h5py gives bytes
+            clip_id = clip_id.decode("utf-8", "replace")
+        return f"clip '{clip_id}' (row {int(row)})"
 
     def damage_error(self, name: str, first, err: Exception) -> StoreDamaged:
         """The first clip among the rows read whose chunk of ``name`` cannot be read."""

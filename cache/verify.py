@@ -99,3 +99,33 @@ def verify_store(store: FeatureStore, progress: bool = False) -> list[Damage]:
             bar.update(min(n, start + _BLOCK) - start)
     bar.close()
     return sorted(found, key=lambda d: (d.row, d.array))
+
+
+def refuse_pending(store: FeatureStore, rows, what: str, allow_pending: bool) -> int:
+    """Refuse (exit 2) to use a store whose clips ``rows`` (store rows of any status) include
+    pending ones, unless ``allow_pending``; returns how many are pending. Pending is never
+    failed: those clips were not tried yet, or an extract is trying them now."""
+    import logging
+    import os
+
+    from cache.lock import writer_running
+    from pipeline.errors import CaerError
+
+    status = store.manifest["status"].to_numpy()[np.asarray(rows, dtype=np.int64)]
+    n_pending = int((status == "pending").sum())
+    if not n_pending:
+        return 0
+    holder = writer_running(os.path.realpath(store.path))
+    why = (f"an extract is writing this store now: {holder}" if holder else
+           "the extract that added them stopped before it finished them")
+    n_ok = int((status == "ok").sum())
+    if not allow_pending:
+        raise CaerError(f"{store.path}: {n_pending} of the {len(status)} {what} clips are "
+                        f"pending, not extracted yet ({why}); "
+                        + ("wait for it to finish" if holder else
+                           "run the same extract command again to finish them")
+                        + f", or pass --allow-pending to use the {n_ok} finished ones")
+    logging.getLogger("caer").warning(
+        "--allow-pending: %d of the %d %s clips are pending (%s); using the %d finished ones",
+        n_pending, len(status), what, why, n_ok)
+    return n_pending

@@ -55,6 +55,9 @@ class EvaluateConfig:
         "metavar": "COLUMN"})
     batch_size: int = field(default=64, metadata={"help": "Clips per forward pass."})
     device: str = field(default="cpu", metadata={"help": DEVICE_HELP})
+    allow_pending: bool = field(default=False, metadata={
+        "help": "Score the finished clips of a split that still has pending ones (an extract "
+                "running or killed); refused by default."})
 
     def validate(self) -> None:
         """Raise CaerError (exit 2) on options that cannot work, before anything is read."""
@@ -179,6 +182,9 @@ class TrainConfig:
     resume: bool = field(default=False, metadata={
         "help": "Continue a killed run in --out from its last finished epoch."})
     quiet: bool = field(default=False, metadata={"help": "No progress bars."})
+    allow_pending: bool = field(default=False, metadata={
+        "help": "Train on the finished clips of a cache that still has pending ones (an "
+                "extract running or killed); refused by default."})
 
 
 @dataclass

@@ -48,12 +48,14 @@ class Splits:
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
-    n_failed: int  # clips skipped because extract could not process them (status != ok)
+    n_failed: int  # train/val clips skipped because extract could not process them
     val_source: str  # "cache" (a val split in the store), "carved" (from train) or "none"
+    n_pending: int = 0  # train/val clips not extracted yet (used only with --allow-pending)
 
     def describe(self) -> str:
         return (f"{len(self.train)} train, {len(self.val)} val ({self.val_source}), "
-                f"{len(self.test)} test clips; {self.n_failed} failed clips skipped")
+                f"{len(self.test)} test clips; {self.n_failed} failed clips skipped"
+                + (f", {self.n_pending} pending clips left out" if self.n_pending else ""))
 
 
 def split_clips(manifest: pd.DataFrame, val_fraction: float, val_seed: int) -> Splits:
@@ -61,20 +63,25 @@ def split_clips(manifest: pd.DataFrame, val_fraction: float, val_seed: int) -> S
     stratified, seeded ``val_fraction`` of train."""
     ok = manifest["status"].to_numpy() == "ok"
     split = manifest["split"].astype(str).str.lower().to_numpy()
-    n_failed = int((~ok & np.isin(split, ["train", "val"])).sum())
+    status = manifest["status"].to_numpy()
+    used = np.isin(split, ["train", "val"])
+    n_failed = int(((status == "failed") & used).sum())
+    n_pending = int(((status == "pending") & used).sum())
     train = np.flatnonzero(ok & (split == "train"))
     test = np.flatnonzero(ok & (split == "test"))
     if len(train) == 0:
         raise CaerError(f"the cache has no usable train clips (splits: "
-                        f"{dict(pd.Series(split).value_counts())}, {int((~ok).sum())} not ok)")
+                        f"{dict(pd.Series(split).value_counts())}, "
+                        f"{int((status == 'failed').sum())} failed, "
+                        f"{int((status == 'pending').sum())} pending)")
     cache_val = np.flatnonzero(ok & (split == "val"))
     if len(cache_val):
         if val_fraction:
             log.info("the cache has a val split (%d clips): using it instead of carving "
                      "--val-fraction %g from train", len(cache_val), val_fraction)
-        return Splits(train, cache_val, test, n_failed, "cache")
+        return Splits(train, cache_val, test, n_failed, "cache", n_pending)
     if not val_fraction:
-        return Splits(train, np.zeros(0, np.int64), test, n_failed, "none")
+        return Splits(train, np.zeros(0, np.int64), test, n_failed, "none", n_pending)
     if not 0 < val_fraction < 1:
         raise CaerError(f"--val-fraction must be in [0, 1), not {val_fraction}")
     from sklearn.model_selection import train_test_split
@@ -92,7 +99,7 @@ def split_clips(manifest: pd.DataFrame, val_fraction: float, val_seed: int) -> S
                     "split is smaller than the number of classes")
     kept, val = train_test_split(train, test_size=n_val, random_state=val_seed,
                                  stratify=stratify)
-    return Splits(np.sort(kept), np.sort(val), test, n_failed, "carved")
+    return Splits(np.sort(kept), np.sort(val), test, n_failed, "carved", n_pending)
 
 
 # ------------------------------------------------------------------------------ features

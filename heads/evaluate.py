@@ -28,6 +28,7 @@ from cache import fingerprint_mismatch, open_store
 from cache.atomic import atomic_write, atomic_write_text, output_dir, refuse_symlink
 from cache.store import FINGERPRINT_DEFAULTS, FINGERPRINT_OPTIONS
 from heads.config import EvaluateConfig  # noqa: F401 - heads.evaluate.EvaluateConfig as before
+from cache.verify import refuse_pending
 from heads.metrics import Report, compute_grouped, compute_report, format_table, plot_confusion
 from pipeline import __version__
 from pipeline.errors import CaerError
@@ -263,6 +264,7 @@ def _evaluate_store(cfg: EvaluateConfig, run_config: dict, store, progress: bool
         columns = ", ".join(store.metadata_columns) or "none"
         raise CaerError(f"--group-by {cfg.group_by}: not a metadata column of {cfg.cache} "
                         f"(its metadata columns: {columns})")
+    refuse_pending(store, in_split, f"'{cfg.split}'", cfg.allow_pending)
     status = manifest.loc[in_split, "status"].to_numpy()
     rows = in_split[status == "ok"]
     skipped = manifest.loc[in_split[status != "ok"], ["id", "status", "reason"]]

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cache.atomic import atomic_write, atomic_write_text, output_dir, refuse_symlink
+from cache.verify import refuse_pending
 from heads.config import FinetuneConfig, TrainConfig
 from heads.data import (AUGMENTATIONS, FeatureBank, PixelClips, Splits, clip_generator, clip_seed,
                         split_clips)
@@ -205,7 +206,11 @@ def fit(config: TrainConfig, kind: str, seed: int, run_dir: Path) -> dict:
     if pixels and not fingerprint.get("pixels"):
         raise CaerError(f"--cache {config.cache} holds no stored crops: finetune re-encodes "
                         f"them; build the cache with `python cli.py extract ... --pixels`")
-    splits = split_clips(store.manifest, config.val_fraction, config.val_seed)
+    manifest = store.manifest
+    refuse_pending(store, np.flatnonzero(manifest["split"].astype(str).str.lower()
+                                         .isin(["train", "val"]).to_numpy()),
+                   "train and val", config.allow_pending)
+    splits = split_clips(manifest, config.val_fraction, config.val_seed)
     if config.select == "val-uar" and len(splits.val) == 0:
         raise CaerError("--select val-uar needs validation clips: set --val-fraction > 0, add a "
                         "val split to the cache, or use --select last")
@@ -356,6 +361,7 @@ def fit(config: TrainConfig, kind: str, seed: int, run_dir: Path) -> dict:
     result = {"run": str(run_dir), "seed": seed, "epochs_done": state.epoch, "steps": state.step,
               "stopped_by_max_steps": stopped, "select": config.select,
               "best_epoch": state.best_epoch, "n_failed_skipped": splits.n_failed,
+              "n_pending_skipped": splits.n_pending,
               "splits": {"train": len(splits.train), "val": len(splits.val),
                          "test": len(splits.test), "val_source": splits.val_source}}
     last = history[-1] if history else {}
