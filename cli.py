@@ -2,7 +2,8 @@
 
 Run ``python cli.py --help`` (or ``caer --help`` once installed). Exit statuses: 0 success,
 1 an unexpected internal error, 2 unusable arguments or input (one line on stderr, nothing
-written), 3 extract finished but some clips failed (the store is valid; see ``info``).
+written), 3 extract finished but some clips failed (the store is valid; see ``info``),
+4 the system refused a write (disk full, read-only file system; nothing half-written kept).
 """
 
 from __future__ import annotations
@@ -118,7 +119,9 @@ def extract(**options):
     Out: a .zarr directory (default) or .h5 file; see docs/cache-format.md
     Runs again with the same options resume; with more --annotations they append.
     Under `torchrun --nproc-per-node N cli.py extract ...` every rank does its share.
-    Exit status: 0 every clip ok, 3 some clips failed (see `info`), 2 unusable input.
+    One extract writes a store at a time (another is refused, or waits with --wait).
+    Exit status: 0 every clip ok, 3 some clips failed (see `info`), 2 unusable input or a
+    store that is busy, damaged or not a store, 4 disk full or read-only.
 
     \b
     --preset original sets every preprocessing choice of the original code:
