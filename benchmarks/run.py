@@ -74,6 +74,10 @@ BENCHMARKS = (
     Benchmark("decode", "bench_decode.py",
               "decoding: seeking to keyframes against decoding straight through",
               quick_args=("--size", "640x360", "--frames", "120", "--repeats", "1")),
+    Benchmark("verify", "bench_verify.py",
+              "store damage checks: zstd checksums and the missing-chunk check at train-head's "
+              "load, and a full `info --verify`",
+              quick_args=("--clips", "20", "--repeats", "1")),
 )
 BY_NAME = {b.name: b for b in BENCHMARKS}
 

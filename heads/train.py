@@ -390,6 +390,19 @@ def fit(config: TrainConfig, kind: str, seed: int, run_dir: Path) -> dict:
     return result
 
 
+def _one_line_worker_errors(batches):
+    """A CaerError raised in a DataLoader worker (a damaged chunk of a stored crop) comes
+    back wrapped in the worker's traceback text; re-raise it as its own one line."""
+    try:
+        yield from batches
+    except CaerError as err:
+        text = str(err).strip()
+        if "Original Traceback" not in text:
+            raise
+        last = text.splitlines()[-1]
+        raise type(err)(last.split(": ", 1)[1] if ": " in last else last) from None
+
+
 def _train_epoch(step_model, model, loader, optimizer, scaler, config, seed, epoch, state,
                  device, precision, rank, world, n_steps) -> dict:
     """One pass over the train split. A step takes ``accumulate`` micro-batches per process;
@@ -402,7 +415,7 @@ def _train_epoch(step_model, model, loader, optimizer, scaler, config, seed, epo
     loss_sum, labels, predictions, partial = 0.0, [], [], False
     bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step",
                disable=config.quiet or rank != 0, leave=False)
-    batches = iter(loader)
+    batches = _one_line_worker_errors(iter(loader))
     while True:
         if config.max_steps is not None and state.step >= config.max_steps:
             partial = next(batches, None) is not None

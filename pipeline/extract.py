@@ -18,7 +18,6 @@ import hashlib
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
 import time

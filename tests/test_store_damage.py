@@ -121,8 +121,6 @@ def _old_store(path: Path, new: Path) -> None:
 
     src = zarr.open_group(str(new), mode="r")
     dst = zarr.open_group(str(path), mode="w")
-    for name, array in src.arrays():
-        pass
     for name in open_store(new)._specs:
         a = src[name]
         b = dst.create_array(name, shape=a.shape, chunks=a.chunks, dtype=a.dtype,
@@ -181,3 +179,20 @@ def test_pending_clips_are_refused_named_pending_and_allowed_on_request(tmp_path
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["n"] == 4
+
+
+@pytest.mark.slow
+def test_finetune_names_a_damaged_crop_read_in_a_dataloader_worker(tmp_path):
+    from test_finetune import make_pixel_store
+
+    path = tmp_path / "p.zarr"
+    make_pixel_store(path, n_train=6, n_test=2)
+    _damage_zarr(path, "flip", row=2, name="pixels/face")
+    result = _cli("finetune", "--cache", path, "--out", tmp_path / "run", "--epochs", 1,
+                  "--batch-size", 2, "--workers", 1, "--val-fraction", 0, "--select", "last",
+                  "--precision", "fp32", "--quiet")
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert "clip 'clip000002' (row 2): array pixels/face is damaged" in lines[0]
+    assert not (tmp_path / "run" / "config.json").exists()
