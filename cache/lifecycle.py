@@ -75,8 +75,8 @@ def resolve_cache(cache: str | os.PathLike) -> Path:
                             f"or an existing store")
         return target
     if not cache.exists():
-        if not cache.parent.is_dir():
-            raise StoreError(f"--cache {cache}: the folder {cache.parent} does not exist")
+        if cache.parent.exists() and not cache.parent.is_dir():
+            raise StoreError(f"--cache {cache}: {cache.parent} is not a folder")
         return cache
     if cache.is_dir():
         if is_hdf5(cache) or not _zarr_root_is_ours(cache):

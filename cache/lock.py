@@ -76,6 +76,7 @@ class StoreLock:
         said = False
         while True:
             try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
                 fd = _open(self.path, create=True)
             except OSError as err:
                 raise write_failed(err, self.path, "create the store's lock file") from None
