@@ -11,16 +11,16 @@ _STORE_NAMES = (
     "ClipResult",
     "ClipRow",
     "FeatureStore",
+    "StoreDamaged",
     "StoreError",
     "StoreWriter",
-    "build_store_from_arrays",
     "describe_mismatch",
     "fingerprint_mismatch",
     "is_hdf5",
     "make_fingerprint",
     "open_store",
 )
-__all__ = list(_STORE_NAMES)
+__all__ = list(_STORE_NAMES) + ["build_store_from_arrays"]
 
 
 def __getattr__(name: str):
@@ -28,4 +28,8 @@ def __getattr__(name: str):
         from cache import store
 
         return getattr(store, name)
+    if name == "build_store_from_arrays":
+        from cache.build import build_store_from_arrays
+
+        return build_store_from_arrays
     raise AttributeError(f"module 'cache' has no attribute {name!r}")

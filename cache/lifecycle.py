@@ -18,9 +18,9 @@ import re
 import shutil
 from pathlib import Path
 
+from cache.hdf5 import import_hdf5
 from cache.store import (ClipRow, StoreError, StoreWriter, create_zarr, describe_mismatch,
-                         fingerprint_mismatch, import_hdf5, is_hdf5, open_store,
-                         staging_path)
+                         fingerprint_mismatch, is_hdf5, open_store, staging_path)
 
 CREATING_MARKER = ".caer-kit-creating"
 # zarr's LocalStore writes each key to NAME.<uuid4 hex>.partial and renames it.

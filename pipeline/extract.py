@@ -30,8 +30,9 @@ import pandas as pd
 
 from cache.lifecycle import prepare_store, resolve_cache
 from cache.lock import StoreLock
-from cache.store import (ClipResult, ClipRow, StoreWriter, export_hdf5, is_hdf5,
-                         make_fingerprint, open_store, remove_store, staging_path)
+from cache.hdf5 import export_hdf5, remove_store
+from cache.store import (ClipResult, ClipRow, StoreWriter, is_hdf5, make_fingerprint,
+                         open_store, staging_path)
 from pipeline.boxes import BoxFile, load_body_boxes, load_face_boxes
 from pipeline.clip import resolve_precision
 from cache.core.runtime import Distributed as Dist

@@ -1,0 +1,119 @@
+"""HDF5 stores and whole-store copies: a finished staging Zarr store written out as one
+``.h5`` file, an ``.h5`` store turned back into a staging store to append to, and a store's
+deletion in one step. See cache/store.py for the crash-safety rules."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from cache.store import (INTEGRITY, StoreDamaged, StoredArray, _caer_attrs, _writing,
+                         create_zarr, open_store)
+
+
+def export_hdf5(staging: Path, path: Path) -> None:
+    """Write a finished staging Zarr store to ``path`` (.h5) atomically, same contents."""
+    import h5py
+
+    from cache.lifecycle import remove_temporary
+
+    src = open_store(staging)
+    tmp = Path(str(path) + ".writing")
+    remove_temporary(tmp)
+    integrity = {"checksum": "fletcher32",
+                 "every_chunk_written": bool(src.integrity.get("every_chunk_written"))}
+    try:
+        with h5py.File(tmp, "w-") as f:  # w-: never through a link planted at the name
+            f.attrs["caer_kit"] = json.dumps(_caer_attrs(src.n_clips, src.fingerprint,
+                                                         src.metadata_columns, integrity),
+                                             sort_keys=True)
+            if src.metadata:
+                f.attrs["metadata"] = json.dumps(src.metadata, sort_keys=True)
+            for name, spec in src._specs.items():
+                shape = (src.n_clips,) + tuple(spec.tail)
+                dtype = h5py.string_dtype() if spec.dtype == "str" else spec.dtype
+                chunks = (1,) + tuple(spec.tail) if spec.per_clip else None
+                ds = f.create_dataset(name, shape=shape, dtype=dtype,
+                                      maxshape=(None,) + spec.tail,
+                                      chunks=chunks if src.n_clips else True,
+                                      fillvalue=None if spec.dtype == "str" else spec.fill,
+                                      compression="lzf" if spec.tail else None,
+                                      fletcher32=spec.dtype != "str")
+                _copy_rows(src.array(name), ds)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)  # ours: h5py created it exclusively
+        from cache.atomic import write_failed
+
+        raise write_failed(err, path, "write the HDF5 store (the finished staging store "
+                                      f"{staging} is kept)") from None
+    finally:
+        src.close()
+
+
+def import_hdf5(path: Path, staging: Path, skip_damaged: bool = False) -> None:
+    """Turn an existing ``.h5`` store back into a staging Zarr store (to append to it).
+    Built beside the staging path and renamed, so a kill leaves no half-imported store.
+    ``skip_damaged``: clips whose chunks do not read are imported as pending (redone)."""
+    import zarr
+
+    from cache.lifecycle import remove_temporary
+
+    src = open_store(path)
+    tmp = Path(str(staging) + ".importing")
+    remove_temporary(tmp)
+    create_zarr(tmp, src.fingerprint, [], src.metadata_columns, src.metadata)
+    try:
+        with _writing():
+            group = zarr.open_group(str(tmp), mode="r+")
+            damaged: set[int] = set()
+            for name in src._specs:
+                group[name].resize((src.n_clips,) + tuple(group[name].shape[1:]))
+                damaged |= _copy_rows(src.array(name), group[name], skip_damaged)
+            for i in sorted(damaged):
+                for name, spec in src._specs.items():
+                    if spec.per_clip and name.startswith("clips/"):
+                        group[name][i] = spec.fill
+            group.attrs["caer_kit"] = _caer_attrs(src.n_clips, src.fingerprint,
+                                                  src.metadata_columns, INTEGRITY)
+        os.replace(tmp, staging)
+    except OSError as err:
+        remove_store(tmp)
+        from cache.atomic import write_failed
+
+        raise write_failed(err, staging, "create the staging store") from None
+    finally:
+        src.close()
+
+
+def remove_store(path: Path) -> None:
+    """Delete a Zarr store so that a kill midway leaves either all of it or none of it."""
+    from cache.lifecycle import remove_temporary
+
+    doomed = Path(str(path) + ".deleting")
+    if path.exists():
+        os.replace(path, doomed)
+    remove_temporary(doomed)
+
+
+def _copy_rows(src: StoredArray, dst, skip_damaged: bool = False,
+               rows_per_step: int = 64) -> set[int]:
+    """Copy every row; with ``skip_damaged`` the rows that do not read are left out and
+    returned (per-clip arrays only)."""
+    skipped: set[int] = set()
+    for start in range(0, len(src), rows_per_step):
+        stop = min(len(src), start + rows_per_step)
+        try:
+            dst[start:stop] = src[start:stop]
+        except StoreDamaged:
+            if not skip_damaged or not src._owner._specs[src.name].per_clip:
+                raise
+            for i in range(start, stop):
+                try:
+                    dst[i] = src[i]
+                except StoreDamaged:
+                    skipped.add(i)
+    return skipped
+
+
