@@ -70,13 +70,24 @@ class StoreLock:
 
     def __init__(self, store: str | os.PathLike, wait: bool = False):
         self.store, self.path, self.wait, self._fd = Path(store), lock_path(store), wait, None
+        self._made: list[Path] = []  # folders created for the lock, removed again if empty
+
+    def _make_folders(self) -> None:
+        missing = []
+        folder = self.path.parent
+        while not folder.exists():
+            missing.append(folder)
+            folder = folder.parent
+        for folder in reversed(missing):
+            folder.mkdir(exist_ok=True)
+            self._made.append(folder)
 
     def acquire(self) -> "StoreLock":
         deadline = time.monotonic() + _PEEK_GRACE_SECONDS
         said = False
         while True:
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._make_folders()
                 fd = _open(self.path, create=True)
             except OSError as err:
                 raise write_failed(err, self.path, "create the store's lock file") from None
@@ -128,6 +139,12 @@ class StoreLock:
             pass
         os.close(self._fd)
         self._fd = None
+        for folder in reversed(self._made):  # a refused run leaves no empty folders behind
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self._made = []
 
     def __enter__(self) -> "StoreLock":
         return self.acquire()
