@@ -143,6 +143,11 @@ def test_two_appends_at_once_refuse_or_wait_and_lose_no_clip(clips, tiny_clip_di
     assert f"pid {first.pid} on " in line and "--wait" in line and "cli.py extract" in line
     assert holder.split(":")[0] in line
     assert planted.read_text() == "the first writer's temporary"
+    # Readers never wait for the writer.
+    start = time.time()
+    info = _run(["info", str(cache), "--json"])
+    assert info.exit_code == 0 and time.time() - start < 10
+    assert writer_running(cache) == holder  # still held: the reader did not wait it out
     # With --wait the second appender runs after the first: every clip of both is there.
     second = _popen(_args(clips, tiny_clip_dir, cache, "all.csv", "--wait"))
     out1, err1 = first.communicate(timeout=300)
