@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from cache import open_store
 from conftest import moving_square_frames, write_video
-from test_store_damage import _damage_zarr
+from test_store_damage import _damage_hdf5, _damage_zarr
 from test_store_writers import _args, _one_error_line, _snapshot
 
 
@@ -68,6 +68,19 @@ def test_redo_damaged_re_extracts_only_the_damaged_clips(clips, tiny_clip_dir, t
     assert _equal(_arrays(cache), intact)
     assert {name: os.stat(cache / "features" / "face" / "c" / r / "0" / "0" / "0").st_mtime_ns
             for name, r in (("row0", "0"), ("row3", "3"))} == untouched
+
+
+def test_redo_damaged_repairs_an_hdf5_store(clips, tiny_clip_dir, tmp_path):
+    cache = tmp_path / "s.h5"
+    assert _run(_args(clips, tiny_clip_dir, cache)).exit_code == 0
+    intact = _arrays(cache)
+    _damage_hdf5(cache, "flip", row=2)
+    assert _run(["info", cache, "--verify"]).exit_code == 2
+    result = _run(_args(clips, tiny_clip_dir, cache, "a.csv", "--redo-damaged"))
+    assert result.exit_code == 0, result.output
+    assert "1 done in this run" in result.output
+    assert _equal(_arrays(cache), intact)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5"]
 
 
 def test_retry_failed_takes_a_corrected_list_entry(clips, tiny_clip_dir, tmp_path):
