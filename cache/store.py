@@ -37,7 +37,7 @@ from cache.core.labels import LabelSet, load_label_set
 FORMAT_VERSION = 1
 STATUS_NAMES = ("pending", "ok", "failed")  # stored as int8 codes 0, 1, 2
 STATIC_CHUNK = 1024  # rows per chunk of the columns written once, when clips are added
-RESULT_PREFIXES = ("frames/", "faces/", "features/", "pixels/")  # written for ok clips only
+RESULT_PREFIXES = ("frames/", "faces/", "body/", "features/", "pixels/")  # written for ok clips only
 H5_SUFFIXES = (".h5", ".hdf5")
 
 

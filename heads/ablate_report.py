@@ -7,11 +7,12 @@ Every file is written to a temporary name and renamed, so a kill leaves the prev
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from cache.atomic import atomic_write
 
 RESULT_COLUMNS = ("method", "n_ctx", "temporal_layers", "streams", "seed", "val_uar",
                   "test_uar", "test_war", "run")
@@ -50,9 +51,7 @@ def summary_frame(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def _replace(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, write)  # a fresh temporary + rename: a planted link is replaced
 
 
 def _cell(mean: float, std: float) -> str:

@@ -25,7 +25,6 @@ import csv
 import io
 import logging
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cache.atomic import atomic_write_bytes
 from heads.config import ExplainConfig
 from pipeline.errors import CaerError
 
@@ -189,9 +189,7 @@ def file_stem(index: int, clip_id: str) -> str:
 def _save_npz(path: Path, arrays: dict) -> None:
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _listed_files(out: Path) -> set[str]:
@@ -243,13 +241,12 @@ def explain(cfg: ExplainConfig, progress: bool = True) -> dict:
                "probability": float(result.probs[predicted])}
         plot_clip(out / f"{stem}.png", clip, result, classes, row)
         rows.append(row)
-    tmp = out / "index.csv.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(INDEX_COLUMNS))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, "probability": f"{row['probability']:.6f}"})
-    os.replace(tmp, out / "index.csv")
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(INDEX_COLUMNS))
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, "probability": f"{row['probability']:.6f}"})
+    atomic_write_bytes(out / "index.csv", text.getvalue().encode("utf-8"))
     write_html(out / "index.html", rows, cfg.run, classes, target)
     kept = {r["file"] for r in rows}
     for name in previous - kept:  # a previous explain's clips, listed in its own index.csv

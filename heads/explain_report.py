@@ -4,10 +4,11 @@ the temporal attention as bars under them) and an index.html that shows them all
 from __future__ import annotations
 
 import html
-import os
 from pathlib import Path
 
 import numpy as np
+
+from cache.atomic import atomic_write, atomic_write_text
 
 
 def plot_clip(path: Path, clip, result, classes: list[str], row: dict) -> None:
@@ -52,10 +53,8 @@ def plot_clip(path: Path, clip, result, classes: list[str], row: dict) -> None:
     fig.suptitle(f"{row['id']}: true {label}, predicted {row['prediction']} "
                  f"(p = {row['probability']:.2f}); maps explain {target}\n"
                  f"crops: {clip.source}", fontsize=9)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=80, format="png")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_html(path: Path, rows: list[dict], run: str, classes: list[str],
@@ -76,6 +75,4 @@ def write_html(path: Path, rows: list[dict], run: str, classes: list[str],
             "and context crops (last vision block's first LayerNorm, patch tokens), and the "
             "temporal transformer's CLS attention over the frames (bars).</p>\n"
             + "\n".join(items) + "\n</body></html>\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, page)
