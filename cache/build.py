@@ -10,7 +10,7 @@ from cache.hdf5 import export_hdf5, remove_store
 from cache.store import (FORMAT_VERSION, ClipRow, FeatureStore, StoreError, StoreWriter,
                          _writing, create_zarr, is_hdf5, make_fingerprint, open_store,
                          staging_path)
-from pipeline.labels import load_label_set
+from cache.core.labels import load_label_set
 
 
 def build_store_from_arrays(path, *, face, context, labels, splits, ids=None, fingerprint,

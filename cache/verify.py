@@ -109,7 +109,7 @@ def refuse_pending(store: FeatureStore, rows, what: str, allow_pending: bool) ->
     import os
 
     from cache.lock import writer_running
-    from pipeline.errors import CaerError
+    from cache.core.errors import CaerError
 
     status = store.manifest["status"].to_numpy()[np.asarray(rows, dtype=np.int64)]
     n_pending = int((status == "pending").sum())
