@@ -79,26 +79,36 @@ def cache_inputs(cfg: ExplainConfig, run_config: dict, model) -> list[ClipInput]
         frames = np.asarray(store.frame_indices[np.sort(rows)])
         boxes = np.asarray(store.face_boxes[np.sort(rows)])
         found = np.asarray(store.face_found[np.sort(rows)])
+        bodies = store.body_boxes
+        bodies = None if bodies is None else np.asarray(bodies[np.sort(rows)])
         position = {int(r): i for i, r in enumerate(np.sort(rows))}
         for row in rows:
             i = position[int(row)]
-            path = str(manifest["path"].iloc[row])
-            face, context = _redecode(cfg, fp, path, frames[i], boxes[i], found[i], k)
+            clip = manifest.iloc[row]
+            path = str(clip["path"])
+            body = None if bodies is None or np.isnan(bodies[i]).any() else bodies[i]
+            face, context = _redecode(cfg, fp, clip, frames[i], boxes[i], found[i], body, k)
             out.append(ClipInput(str(manifest["id"].iloc[row]), int(manifest["label"].iloc[row]),
                                  face, context, f"re-decoded from {path}"))
     return out
 
 
-def _redecode(cfg: ExplainConfig, fp: dict, path: str, frames: np.ndarray, boxes: np.ndarray,
-              found: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """extract's crops of one clip again, from its file: the same frames, the stored boxes."""
+def _redecode(cfg: ExplainConfig, fp: dict, clip, frames: np.ndarray, boxes: np.ndarray,
+              found: np.ndarray, body: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """extract's crops of one clip again, from its file: the cache's preprocessing choices,
+    the same frames, the stored face (and body) boxes."""
+    import pandas as pd
+
+    from cache.store import FINGERPRINT_DEFAULTS
     from pipeline.prepare import ClipTask, prepare_clip
     from pipeline.video import ClipError, probe_clip
 
+    path = str(clip["path"])
+    choices = {key: fp.get(key, default) for key, default in FINGERPRINT_DEFAULTS.items()}
     why = (f"--cache {cfg.cache} holds no stored crops (it was built without --pixels), and "
            f"re-decoding the clip from {path} failed")
     try:
-        info = probe_clip(path)
+        info = probe_clip(path, order=choices["frame_order"])
     except ClipError as err:
         raise CaerError(f"{why}: {err}; rebuild the cache with `extract --pixels`, or put the "
                         f"clip back at that path") from None
@@ -108,12 +118,21 @@ def _redecode(cfg: ExplainConfig, fp: dict, path: str, frames: np.ndarray, boxes
         if 0 <= number < info.n_frames:
             name = info.files[number] if info.kind == "frames" else str(number)
             stored[name] = [float(v) for v in box] if has_face else None
-    task = ClipTask(index=0, path=path, listed_frames=-1, segments=int(fp["segments"]),
-                    candidates=int(fp["candidates"]), face_model=fp.get("face_model", "full"),
+    listed = clip.get("listed_frames", -1)
+    task = ClipTask(index=0, path=path, split=str(clip["split"]),
+                    listed_frames=-1 if pd.isna(listed) else int(listed),
+                    segments=int(fp["segments"]), candidates=int(fp["candidates"]),
+                    face_model=fp.get("face_model", "full"),
                     min_face_score=fp.get("min_face_score", 0.5),
                     face_margin=fp.get("face_margin", 20),
                     face_resize=fp.get("face_resize", "squash"),
-                    image_size=int(fp.get("image_size", 224)), boxes=stored)
+                    image_size=int(fp.get("image_size", 224)), boxes=stored,
+                    frame_order=choices["frame_order"], frame_count=choices["frame_count"],
+                    frame_sampling=choices["frame_sampling"],
+                    frame_decode=choices["frame_decode"], face_crop=choices["face_crop"],
+                    context=choices["context"], context_resize=choices["context_resize"],
+                    body_source="file",
+                    body_box=None if body is None else [float(v) for v in body])
     crops = prepare_clip(task)
     if crops.status != "ok":
         raise CaerError(f"{why}: {crops.reason}; rebuild the cache with `extract --pixels`")
