@@ -71,6 +71,14 @@ BENCHMARKS = (
     Benchmark("bf16-matmul", "bench_bf16_matmul.py",
               "bf16 against fp32 for the three matrix products of a linear layer (CPU)",
               quick_args=("--rows", "64", "--repeats", "1", "--warmup", "0")),
+    Benchmark("ablate", "bench_ablate.py",
+              "ablate --grid table6 x 3 seeds, RAER-sized: step time of each of the 12 "
+              "configurations, validation, test, baselines; the projected total",
+              quick_args=("--quick",)),
+    Benchmark("explain", "bench_explain.py",
+              "explain: one clip with ViT-B/32 shapes (Grad-CAM of both streams, attention), "
+              "and the whole command for one clip",
+              quick_args=("--quick",)),
     Benchmark("decode", "bench_decode.py",
               "decoding: seeking to keyframes against decoding straight through",
               quick_args=("--size", "640x360", "--frames", "120", "--repeats", "1")),

@@ -16,7 +16,7 @@ def run_analyses(config: DemoConfig, cache: Path, run: Path, out: Path, echo) ->
     from heads.explain import explain
 
     ablate_dir, cams = out / "ablate", out / "explain"
-    epochs = max(1, config.epochs // 4)  # four more runs: a quarter of the epochs each
+    epochs = max(1, config.epochs // 6)  # four more runs: a sixth of the epochs each
     _stage(5, "ablate", "context only against face + context, two seeds each, and the "
                         "zero-shot and linear-probe baselines")
     echo(_shell(["ablate", "--cache", cache, "--out", ablate_dir, "--streams", "context,both",
