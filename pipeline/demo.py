@@ -457,12 +457,13 @@ def run_demo(config: DemoConfig) -> dict:
 
     # ---------------------------------------------------------------- 3. train-head
     run = out / "run"
+    # fp32: the demo's numbers are the same on every CPU (--precision auto is bf16 on some)
     train = TrainConfig(cache=str(cache), out=str(run), epochs=config.epochs,
-                        lr_temporal=config.lr_temporal)
+                        lr_temporal=config.lr_temporal, precision="fp32")
     _stage(3, "train-head", "temporal transformers, fusion and prompts on the cached "
                             "features")
     echo(_shell(["train-head", "--cache", cache, "--out", run, "--epochs", config.epochs,
-                 "--lr-temporal", config.lr_temporal]))
+                 "--lr-temporal", config.lr_temporal, "--precision", "fp32"]))
     echo("      the paper's recipe, except --lr-temporal: its 1e-2 is for ~2,200 training "
          "clips, and on 40\n      a tenth of it overfits less; the cache's val split picks "
          "the epoch that is kept")
