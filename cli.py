@@ -17,8 +17,8 @@ import click
 # Make `python cli.py` work from a fresh clone before `pip install -e .`.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from pipeline import __version__  # noqa: E402
-from pipeline.errors import CaerError  # noqa: E402
+from cache.core import __version__  # noqa: E402
+from cache.core.errors import CaerError  # noqa: E402
 from pipeline.config import ExtractConfig  # noqa: E402
 
 
@@ -438,7 +438,7 @@ def demo(**options):
       python cli.py demo --out demo_out
     """
     from heads.config import DemoConfig
-    from pipeline.demo import run_demo
+    from heads.demo import run_demo
 
     run_demo(DemoConfig(**options))
 
@@ -509,7 +509,7 @@ def labels(**options):
     import json
 
     from pipeline.config import LabelsConfig
-    from pipeline.labels import ABOUT, BUILTIN, LabelSetError, format_label_set
+    from cache.core.labels import ABOUT, BUILTIN, LabelSetError, format_label_set
 
     cfg = LabelsConfig(**options)
     if cfg.name is not None and cfg.name not in BUILTIN:

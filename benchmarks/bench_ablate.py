@@ -44,9 +44,9 @@ from heads import baselines  # noqa: E402
 from heads.ablate import TABLE6  # noqa: E402
 from heads.data import split_clips  # noqa: E402
 from heads.model import CaerModel, HeadConfig  # noqa: E402
-from heads.train import _use_sample_dropout  # noqa: E402
+from heads.step import use_sample_dropout  # noqa: E402
 from pipeline.clip import build_random_clip  # noqa: E402
-from pipeline.labels import RAER5  # noqa: E402
+from cache.core.labels import RAER5  # noqa: E402
 
 from bench_head import time_steps  # noqa: E402
 from common import environment, write_result  # noqa: E402
@@ -101,7 +101,7 @@ def main() -> None:
             torch.manual_seed(0)
             model = CaerModel(HeadConfig(segments=t, n_ctx=n_ctx, temporal_layers=layers,
                                          streams=streams), clip, labels_set)
-            _use_sample_dropout(model)
+            use_sample_dropout(model)
             steps = time_steps(model, False, *features, labels, args.steps, 2, None)
             step = statistics.median(steps)
             val_s = forward_s(model, val_clips, t, d)

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.clip import cpu_has_native_bf16  # noqa: E402
+from cache.core.runtime import cpu_has_native_bf16  # noqa: E402
 from common import environment, write_result  # noqa: E402  (benchmarks/common.py)
 
 LAYOUTS = {

@@ -37,7 +37,7 @@ from heads.explain import explain, explain_clip  # noqa: E402
 from heads.model import CaerModel, HeadConfig  # noqa: E402
 from heads.run import load_run, save_run  # noqa: E402
 from pipeline.clip import build_random_clip  # noqa: E402
-from pipeline.labels import RAER5  # noqa: E402
+from cache.core.labels import RAER5  # noqa: E402
 
 from common import environment, write_result  # noqa: E402
 

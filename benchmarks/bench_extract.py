@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from pipeline.clip import cpu_has_native_bf16  # noqa: E402
+from cache.core.runtime import cpu_has_native_bf16  # noqa: E402
 from pipeline.extract import ExtractConfig, run_extract  # noqa: E402
 from common import write_result  # noqa: E402  (benchmarks/common.py)
 

@@ -41,10 +41,12 @@ from common import environment, write_result  # noqa: E402  (benchmarks/common.p
 def one(args) -> dict:
     """Time one configuration in this process (called in a child process)."""
     from heads.model import CaerModel, HeadConfig
-    from heads.train import (StepModel, autocast_for, enable_grad_checkpointing, sample_dropout,
+    from cache.core.runtime import autocast as autocast_for
+    from heads.step import (StepModel, enable_grad_checkpointing, sample_dropout,
                              use_sample_dropout)
-    from pipeline.clip import build_random_clip, cpu_has_native_bf16
-    from pipeline.labels import RAER5
+    from pipeline.clip import build_random_clip
+    from cache.core.runtime import cpu_has_native_bf16
+    from cache.core.labels import RAER5
 
     precision, checkpointing = args.one.split(",")
     checkpointing = checkpointing == "on"

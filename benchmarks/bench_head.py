@@ -44,9 +44,11 @@ sys.path.insert(0, str(ROOT))
 
 from cache import build_store_from_arrays  # noqa: E402
 from heads.model import CaerModel, HeadConfig  # noqa: E402
-from heads.train import StepModel, autocast_for, sample_dropout, use_sample_dropout  # noqa: E402
-from pipeline.clip import build_random_clip, resolve_precision  # noqa: E402
-from pipeline.labels import RAER5  # noqa: E402
+from cache.core.runtime import autocast as autocast_for  # noqa: E402
+from heads.step import StepModel, sample_dropout, use_sample_dropout  # noqa: E402
+from pipeline.clip import build_random_clip  # noqa: E402
+from cache.core.runtime import resolve_precision  # noqa: E402
+from cache.core.labels import RAER5  # noqa: E402
 
 from common import environment, write_result  # noqa: E402  (benchmarks/common.py)
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from heads.model import CaerModel, HeadConfig, tokenize_prompts  # noqa: E402
 from pipeline.clip import build_random_clip  # noqa: E402
-from pipeline.labels import RAER5  # noqa: E402
+from cache.core.labels import RAER5  # noqa: E402
 from common import environment, write_result  # noqa: E402  (benchmarks/common.py)
 
 # Where CLIP's BPE tokenizer puts the EOT of "[SOS] X*8 <RAER descriptor>" for the five classes.

@@ -136,12 +136,13 @@ def stages(clip_path: Path, *, clip_spec: str, precision: str, repeats: int) -> 
     """Median seconds per clip of each stage, and the whole-worker and read_frames checks."""
     from cache import ClipResult, ClipRow, StoreWriter, make_fingerprint
     from cache.store import create_zarr
-    from pipeline.clip import load_clip, resolve_precision
+    from pipeline.clip import load_clip
+    from cache.core.runtime import resolve_precision
     from pipeline.config import ExtractConfig
     from pipeline.crops import face_crop, letterbox
     from pipeline.extract import BatchEncoder
     from pipeline.faces import FaceDetector
-    from pipeline.labels import load_label_set
+    from cache.core.labels import load_label_set
     from pipeline.prepare import ClipTask, prepare_clip
     from pipeline.video import probe_clip, read_frames, sample_indices
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from heads.config import ABLATE_SETS, BASELINES, GRIDS, AblateConfig
-from pipeline.errors import CaerError
+from cache.core.errors import CaerError
 
 log = logging.getLogger("caer")
 
@@ -101,7 +101,6 @@ def run_directory(out: str | Path, point: GridPoint, seed: int) -> Path:
 def check_ablate(config: AblateConfig) -> tuple[list[GridPoint], list[str]]:
     """Every refusal before anything is read or written: the grid, the baselines, every
     run's train-head options (train-head's own checks), --out."""
-    from heads.train import _check_options
 
     if not config.cache:
         raise CaerError("--cache is required")
@@ -115,7 +114,7 @@ def check_ablate(config: AblateConfig) -> tuple[list[GridPoint], list[str]]:
     if not config.seeds or len(set(config.seeds)) != len(config.seeds):
         raise CaerError("--seeds must list distinct integers, e.g. 42,43,44")
     for point in points:
-        _check_options(run_config(config, point, config.seeds[0]), "train-head")
+        run_config(config, point, config.seeds[0]).validate()
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise CaerError(f"--out {out}: exists and is not a directory")
@@ -127,10 +126,10 @@ def check_ablate(config: AblateConfig) -> tuple[list[GridPoint], list[str]]:
 
 def _options_differ(run_dir: Path, cfg, seed: int) -> list[str]:
     from heads.run import read_run_config
-    from heads.train import _options
+    from heads.checkpoints import recorded_options
 
     trained = read_run_config(run_dir).get("train") or {}
-    wanted = _options(cfg, seed)
+    wanted = recorded_options(cfg, seed)
     return [f"--{k.replace('_', '-')} (run {trained.get(k)}, now {wanted[k]})"
             for k in wanted if k not in NOT_COMPARED
             and json.dumps(wanted[k]) != json.dumps(trained.get(k))]
@@ -158,10 +157,10 @@ def _finished(run_dir: Path, cfg, seed: int, fingerprint: dict) -> bool:
 def _test_scores(run_dir: Path, cache: str, has_test: bool) -> dict:
     """The run's test UAR/WAR (fractions) with its selected weights, computed once."""
     from heads.evaluate import EvaluateConfig, evaluate
-    from heads.train import _read_json, _write_json
+    from heads.checkpoints import read_json, write_json
 
     folder = run_dir / "eval" / "test"
-    done = _read_json(folder / SCORES)
+    done = read_json(folder / SCORES)
     if done is not None:
         return done
     scores = {"test_uar": None, "test_war": None, "n": 0}
@@ -171,7 +170,7 @@ def _test_scores(run_dir: Path, cache: str, has_test: bool) -> dict:
         scores = {"test_uar": result.report.uar, "test_war": result.report.war,
                   "n": result.report.n}
     folder.mkdir(parents=True, exist_ok=True)
-    _write_json(folder / SCORES, scores)
+    write_json(folder / SCORES, scores)
     return scores
 
 
@@ -191,7 +190,8 @@ def run_ablate(config: AblateConfig) -> dict:
     from heads import baselines as base
     from heads.ablate_report import write_outputs
     from heads.data import split_clips
-    from heads.train import _write_json, train_head
+    from heads.checkpoints import write_json
+    from heads.train import train_head
 
     points, baselines = check_ablate(config)
     out = Path(config.out)
@@ -217,7 +217,7 @@ def run_ablate(config: AblateConfig) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     shared = {k: v for k, v in vars(config.train).items() if k not in ABLATE_SETS}
-    _write_json(out / MARKER, {"written_by": "python cli.py ablate", "cache": config.cache,
+    write_json(out / MARKER, {"written_by": "python cli.py ablate", "cache": config.cache,
                                "grid": [p.name for p in points], "seeds": seeds,
                                "baselines": baselines, "train_options": shared,
                                "baseline_details": details, "val_split": splits.describe()})

@@ -19,7 +19,7 @@ import numpy as np
 
 from heads.data import Splits
 from heads.metrics import compute_report
-from pipeline.errors import CaerError
+from cache.core.errors import CaerError
 from heads.data import middle_candidate  # the frame evaluate scores
 
 log = logging.getLogger("caer")

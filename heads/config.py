@@ -7,7 +7,9 @@ extract's spawned workers) starts without loading it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 from pipeline.config import ExtractConfig
 
@@ -186,6 +188,77 @@ class TrainConfig:
         "help": "Train on the finished clips of a cache that still has pending ones (an "
                 "extract running or killed); refused by default."})
 
+    # The recipe is the config's type: what finetune does differently is said here, once.
+    kind: ClassVar[str] = "train-head"  # the run's config.json kind
+    reencodes_crops: ClassVar[bool] = False  # cached features; finetune re-encodes crops
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches per optimizer step."""
+        return 1
+
+    @property
+    def image_encoder_lr(self) -> float | None:
+        """The CLIP image encoder's lr; None: it stays frozen."""
+        return None
+
+    @property
+    def init_run(self) -> str | None:
+        """The run whose weights training starts from; None: a new head."""
+        return None
+
+    def validate(self) -> None:
+        """Every bad flag is refused here, before anything is read or written."""
+        import math
+
+        from cache.core.errors import CaerError
+
+        if not self.cache:
+            raise CaerError("--cache is required")
+        if not self.out:
+            raise CaerError("--out is required")
+        if self.streams is not None and self.streams not in ("both", "face", "context"):
+            raise CaerError(f"--streams {self.streams}: choose both, face or context")
+        if self.select not in ("val-uar", "last"):
+            raise CaerError(f"--select {self.select}: choose val-uar or last")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise CaerError(f"--device {self.device}: choose auto, cpu or cuda")
+        if self.device == "cuda" and not _cuda_available():
+            raise CaerError("--device cuda: no CUDA device is available (use --device cpu)")
+        for name in ("epochs", "batch_size", "n_ctx", "temporal_layers"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise CaerError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise CaerError("--max-steps must be at least 1")
+        if not 0 <= self.val_fraction < 1:
+            raise CaerError(f"--val-fraction must be in [0, 1), not {self.val_fraction}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise CaerError("--seeds must list distinct integers, e.g. 42,43,44")
+        if list(self.milestones) != sorted(set(self.milestones)) or any(m < 1 for m in self.milestones):
+            raise CaerError(f"--milestones must be increasing positive epochs, not {self.milestones}")
+        for name in ("lr_temporal", "lr_prompt", "lr_fusion", "momentum", "weight_decay", "gamma"):
+            if getattr(self, name) < 0 or not math.isfinite(getattr(self, name)):
+                raise CaerError(f"--{name.replace('_', '-')} must be a finite number >= 0")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise CaerError(f"--precision {self.precision}: choose auto, fp32, bf16 or fp16")
+        if self.precision == "fp16" and not (
+                self.device == "cuda" or (self.device == "auto" and _cuda_available())):
+            raise CaerError("--precision fp16 needs CUDA; on CPU use bf16 or fp32")
+        self.validate_recipe()
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.batch_size % (world * self.micro_batches):
+            raise CaerError(f"--batch-size {self.batch_size} must be divisible by the number of "
+                            f"processes ({world}) x --accumulate ({self.micro_batches})")
+
+    def validate_recipe(self) -> None:
+        """The checks of the options only this recipe has."""
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
 
 @dataclass
 class FinetuneConfig(TrainConfig):
@@ -211,6 +284,34 @@ class FinetuneConfig(TrainConfig):
                 "clip, shared by face and context. original: as the original code, rotation "
                 "and flip drawn for each stream on its own, PIL's nearest rotation, the face "
                 "rotated as its raw crop (squashed caches)."})
+
+    kind: ClassVar[str] = "finetune"
+    reencodes_crops: ClassVar[bool] = True
+
+    @property
+    def micro_batches(self) -> int:
+        return self.accumulate
+
+    @property
+    def image_encoder_lr(self) -> float | None:
+        return self.lr_image_encoder
+
+    @property
+    def init_run(self) -> str | None:
+        return None if self.init in ("none", "", None) else self.init
+
+    def validate_recipe(self) -> None:
+        from cache.core.errors import CaerError
+
+        if self.workers < 0:
+            raise CaerError("--workers must be >= 0")
+        if self.accumulate < 1:
+            raise CaerError("--accumulate must be at least 1")
+        if self.lr_image_encoder < 0:
+            raise CaerError("--lr-image-encoder must be >= 0")
+        choices = next(f for f in fields(self) if f.name == "augment").metadata["choices"]
+        if self.augment not in choices:
+            raise CaerError(f"--augment {self.augment}: choose one of {', '.join(choices)}")
 
 
 # ============================================================================ ablate, explain

@@ -19,8 +19,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import CaerError
-from pipeline.video import middle_candidate
+from cache.core.errors import CaerError
+from cache.frames import middle_candidate
 
 log = logging.getLogger("caer")
 

@@ -25,14 +25,16 @@ import pandas as pd
 import torch
 
 from cache import fingerprint_mismatch, open_store
+from cache.core.runtime import check_device
 from cache.atomic import atomic_write, atomic_write_text, output_dir, refuse_symlink
 from cache.store import FINGERPRINT_DEFAULTS, FINGERPRINT_OPTIONS
 from heads.config import EvaluateConfig  # noqa: F401 - heads.evaluate.EvaluateConfig as before
 from cache.verify import refuse_pending
-from heads.metrics import Report, compute_grouped, compute_report, format_table, plot_confusion
-from pipeline import __version__
-from pipeline.errors import CaerError
-from pipeline.video import middle_candidate
+from heads.metrics import (Report, compute_grouped, compute_report, format_table, pct,
+                           plot_confusion)
+from cache.core import __version__
+from cache.core.errors import CaerError
+from cache.frames import middle_candidate
 
 log = logging.getLogger("caer")
 
@@ -142,7 +144,7 @@ def extract_command(run_config: dict, run_dir: str | Path, split: str = "test") 
             "--cache", "NEW_CACHE.zarr", "--clip", extract_clip_spec(run_config, run_dir)]
     labels = run_config.get("labels") or fp.get("labels")
     if isinstance(labels, dict):
-        from pipeline.labels import BUILTIN
+        from cache.core.labels import BUILTIN
 
         builtin = BUILTIN.get(str(labels.get("name")))
         args += ["--labels", labels["name"] if builtin and builtin.as_dict() == labels
@@ -214,6 +216,30 @@ def predict_rows(model, store, rows: np.ndarray, *, pixels: bool, batch_size: in
     return np.concatenate(out) if out else np.zeros((0, n_classes), np.float32)
 
 
+def predict_cache(model, store, split: str, *, pixels: bool | None = None, batch_size: int = 64,
+                  device: str | torch.device = "cpu", progress: bool = False):
+    """``(ids, y_true, probs)`` of a split's usable clips (middle frame, no flip).
+
+    ``pixels`` (default: whether the model's image encoder was fine-tuned; pass True for a
+    finetune run) re-encodes the stored crops, refused without them; otherwise cached
+    features are read, which must come from the model's CLIP."""
+    manifest = store.manifest
+    rows = np.flatnonzero((manifest["split"] == split).to_numpy()
+                          & (manifest["status"] == "ok").to_numpy())
+    pixels = bool(model.image_encoder_trained) if pixels is None else pixels
+    if pixels and not store.fingerprint.get("pixels"):
+        raise CaerError(f"{store.path}: this run fine-tuned the image encoder, so it needs the "
+                        f"stored crops; extract the cache with --pixels")
+    if not pixels and store.fingerprint.get("clip_revision") != model.clip_revision:
+        raise CaerError(f"{store.path}: features from CLIP {store.fingerprint.get('clip_spec')} "
+                        f"({store.fingerprint.get('clip_revision')}) but the run uses "
+                        f"{model.clip_spec} ({model.clip_revision})")
+    model.eval()
+    probs = predict_rows(model, store, rows, pixels=pixels, batch_size=batch_size,
+                         device=device, progress=progress)
+    return (manifest["id"].to_numpy()[rows], manifest["label"].to_numpy()[rows], probs)
+
+
 # ------------------------------------------------------------------------------ evaluate
 
 def evaluate(cfg: EvaluateConfig, write: bool = True, progress: bool = True) -> Evaluation:
@@ -241,13 +267,6 @@ def evaluate(cfg: EvaluateConfig, write: bool = True, progress: bool = True) -> 
 
 def default_out(cfg: EvaluateConfig) -> Path:
     return Path(cfg.run) / "eval" / f"{Path(cfg.cache).stem}-{cfg.split}"
-
-
-def check_device(device: str) -> None:
-    """The one device resolver's refusal (cache.core.runtime), before anything is read."""
-    from cache.core.runtime import check_device as check
-
-    check(device)
 
 
 def _evaluate_store(cfg: EvaluateConfig, run_config: dict, store, progress: bool):
@@ -344,13 +363,9 @@ def write_outputs(report: Report, predictions: pd.DataFrame, out: Path) -> None:
     source = report.source
     title = (f"{Path(source.get('run', '')).name} on {Path(source.get('cache', '')).name} "
              f"[{source.get('split', '')}]\n"
-             f"UAR {_pct(report.uar)} %   WAR {_pct(report.war)} %   n = {report.n}")
+             f"UAR {pct(report.uar)} %   WAR {pct(report.war)} %   n = {report.n}")
     atomic_write(out / "confusion_matrix.png",
                  lambda tmp: plot_confusion(report, tmp, title=title))
-
-
-def _pct(value):
-    return "-" if value is None else f"{100 * value:.2f}"
 
 
 def format_evaluation(evaluation: Evaluation) -> str:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from cache.atomic import atomic_write_bytes
 from heads.config import ExplainConfig
-from pipeline.errors import CaerError
+from cache.core.errors import CaerError
 
 log = logging.getLogger("caer")
 
@@ -206,7 +206,7 @@ def explain(cfg: ExplainConfig, progress: bool = True) -> dict:
     """Explain every selected clip; returns ``{"out", "clips": [index rows]}``."""
     from tqdm import tqdm
 
-    from heads.evaluate import check_device
+    from cache.core.runtime import check_device
     from heads.explain_inputs import cache_inputs, path_inputs
     from heads.explain_report import plot_clip, write_html
     from heads.run import load_run, read_run_config

@@ -19,7 +19,7 @@ import numpy as np
 
 from heads.config import ExplainConfig
 from heads.data import middle_candidate  # the frame evaluate scores
-from pipeline.errors import CaerError
+from cache.core.errors import CaerError
 
 
 @dataclass

@@ -22,8 +22,8 @@ from torch import nn
 
 from heads.text import TextTower
 from pipeline.clip import CLIP_MEAN, CLIP_STD, LoadedClip, _pooled
-from pipeline.errors import CaerError
-from pipeline.labels import LabelSet
+from cache.core.errors import CaerError
+from cache.core.labels import LabelSet
 from pipeline.tokenizer import clean_text
 
 log = logging.getLogger("caer")

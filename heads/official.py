@@ -50,7 +50,7 @@ import torch
 
 from cache.atomic import refuse_symlink
 from pipeline.config import PRESETS
-from pipeline.errors import CaerError
+from cache.core.errors import CaerError
 
 log = logging.getLogger("caer")
 
@@ -513,7 +513,7 @@ def import_official(cfg: "ImportOfficialConfig") -> Path:  # noqa: F821 - heads.
     from heads.run import save_run
     from pipeline.clip import LoadedClip, weights_digest
     from pipeline.tokenizer import VOCAB_SIZE, clip_tokenizer
-    from pipeline.labels import load_label_set
+    from cache.core.labels import load_label_set
 
     cfg.validate()
     checkpoint, out, labels, force = Path(cfg.checkpoint), Path(cfg.out), cfg.labels, cfg.force

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from heads.config import PredictConfig  # noqa: F401 - heads.predict.PredictConfig as before
-from pipeline.errors import CaerError
+from cache.core.errors import CaerError
 
 log = logging.getLogger("caer")
 
@@ -95,7 +95,7 @@ def predict(cfg: PredictConfig, progress: bool = True) -> Predictions:
     """Predict every path; a clip that fails is recorded with its reason, never raised."""
     from tqdm import tqdm
 
-    from heads.evaluate import check_device
+    from cache.core.runtime import check_device
     from heads.run import load_run, read_run_config
     from pipeline.prepare import ClipTask, prepare_clip
 

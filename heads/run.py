@@ -15,7 +15,7 @@ A run directory holds::
                           loader. load_run checks the revision, or for RUN/clip the
                           weights_digest (which differs from revision after finetune), so a
                           changed CLIP is refused
-        labels            the label set (pipeline.labels.LabelSet.as_dict)
+        labels            the label set (cache.core.labels.LabelSet.as_dict)
         prompts           {token_ids: [C][L]}: the exact prompt tokens, so loading never
                           re-tokenizes (a run keeps the ids it was trained with)
         preprocessing     what a cache or input must match: normalize ("clip" | "none"),
@@ -45,9 +45,9 @@ import torch
 from cache.atomic import atomic_write, atomic_write_text, output_dir, write_failed
 from heads.model import CaerModel, HeadConfig
 from heads.run_checks import RunError
-from pipeline import __version__
+from cache.core import __version__
 from pipeline.clip import LoadedClip, load_clip, weights_digest
-from pipeline.labels import LabelSet, LabelSetError
+from cache.core.labels import LabelSet, LabelSetError
 
 log = logging.getLogger("caer")
 

@@ -17,7 +17,7 @@ import typing
 from dataclasses import fields
 from pathlib import Path
 
-from pipeline.errors import CaerError
+from cache.core.errors import CaerError
 
 RUN_KINDS = ("train-head", "finetune", "import-official")
 STREAMS = ("both", "face", "context")  # as heads.model.STREAMS (not imported: no torch here)

@@ -27,8 +27,8 @@ import os
 from pathlib import Path, PurePosixPath
 
 from cache.store import ClipRow
-from pipeline.errors import CaerError
-from pipeline.labels import LabelSet, LabelSetError
+from cache.core.errors import CaerError
+from cache.core.labels import LabelSet, LabelSetError
 
 RESERVED = ("path", "label", "split", "id")
 # No file system takes a longer path (Linux PATH_MAX); a longer field is a broken file.

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.errors import CaerError
+from cache.core.errors import CaerError
 
 
 class BoxFileError(CaerError):

@@ -17,8 +17,6 @@ import torch
 
 from pipeline.config import DEFAULT_CLIP
 from cache.core.errors import CaerError, first_line
-# The resolvers live on the ground floor now; imported here for older callers.
-from cache.core.runtime import cpu_has_native_bf16, local_cuda_device, resolve_precision  # noqa: F401
 from pipeline.tokenizer import VOCAB_SIZE, clean_text, clip_tokenizer
 
 log = logging.getLogger("caer")

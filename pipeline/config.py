@@ -212,7 +212,7 @@ class IndexConfig:
 
     def validate(self) -> None:
         """Raise CaerError (exit 2) on options that cannot work, before anything is read."""
-        from pipeline.errors import CaerError
+        from cache.core.errors import CaerError
 
         for f in fields(self):
             value, meta = getattr(self, f.name), f.metadata

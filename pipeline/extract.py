@@ -34,10 +34,10 @@ from cache.hdf5 import export_hdf5, remove_store
 from cache.store import (ClipResult, ClipRow, StoreWriter, is_hdf5, make_fingerprint,
                          open_store, staging_path)
 from pipeline.boxes import BoxFile, load_body_boxes, load_face_boxes
-from pipeline.clip import resolve_precision
+from cache.core.runtime import resolve_device, resolve_precision
 from cache.core.runtime import Distributed as Dist
 from pipeline.config import CHOICES, ExtractConfig
-from pipeline.errors import CaerError
+from cache.core.errors import CaerError
 from pipeline.prepare import ClipTask, PreparedClip, prepare_clip, warm_worker, worker_init
 
 log = logging.getLogger("caer")
@@ -98,16 +98,6 @@ def match_boxes(rows: list[ClipRow], face: BoxFile | None, body: BoxFile | None)
 
 
 # --------------------------------------------------------------------------- encoder side
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise CaerError("--device cuda: no CUDA device is available (try --device cpu)")
-    return device
-
 
 class BatchEncoder:
     """Encodes queued crops in batches of exactly ``batch_size`` images, across clips."""
@@ -242,7 +232,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
 def _extract_locked(cfg: ExtractConfig, d: Dist, cache: Path, lock: StoreLock,
                     t_start: float) -> ExtractSummary:
     from pipeline.annotations import read_annotations
-    from pipeline.labels import load_label_set
+    from cache.core.labels import load_label_set
 
     if d.world > 1 and is_hdf5(cache):
         raise CaerError(f"--cache {cfg.cache}: HDF5 allows one writer, and this is a "
@@ -256,11 +246,9 @@ def _extract_locked(cfg: ExtractConfig, d: Dist, cache: Path, lock: StoreLock,
     body_file = load_body_boxes(cfg.body_boxes) if cfg.body_boxes is not None else None
     matched = match_boxes(rows, face_file, body_file)  # refuses an ambiguous key up front
 
-    from pipeline.clip import load_clip, local_cuda_device
+    from pipeline.clip import load_clip
 
-    device = resolve_device(cfg.device)
-    if device == "cuda" and d.world > 1:
-        device = str(local_cuda_device())
+    device = str(resolve_device(cfg.device))  # this rank's GPU under torchrun
     precision = resolve_precision(cfg.precision, device.split(":")[0])
     clip = load_clip(cfg.clip, device=device)
     fp = make_fingerprint(clip_spec=cfg.clip, clip_revision=clip.revision,

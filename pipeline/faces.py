@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import CaerError
+from cache.core.errors import CaerError
 
 MODEL_DIR = Path(__file__).resolve().parent / "models"
 # "full" is BlazeFace full-range (192x192 input, faces up to ~5 m away, sparse weights);

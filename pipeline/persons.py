@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import CaerError
+from cache.core.errors import CaerError
 # The face detector's module holds the stderr silencer the native runtimes need.
 from pipeline.faces import _quiet_stderr
 

@@ -18,7 +18,7 @@ import hashlib
 import html
 from pathlib import Path
 
-from pipeline.errors import CaerError
+from cache.core.errors import CaerError
 
 VOCAB_DIR = Path(__file__).resolve().parent / "vocab"
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"

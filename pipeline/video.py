@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from cache.core.errors import CaerError, first_line
-from cache.core.text import natural_key  # noqa: F401 - pipeline.video.natural_key for older callers
-from cache.frames import middle_candidate  # noqa: F401 - likewise
+from cache.core.text import natural_key
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 

@@ -3,6 +3,7 @@ grid extension that trains only new runs, and nothing selected on the test split
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -76,7 +77,7 @@ def test_every_train_head_option_passes_through_the_command_line():
     from heads.config import ABLATE_SETS
 
     help_text = CliRunner().invoke(main, ["ablate", "--help"]).output
-    for name in [*TrainConfig.__dataclass_fields__, *AblateConfig.__dataclass_fields__]:
+    for name in [f.name for c in (TrainConfig, AblateConfig) for f in dataclasses.fields(c)]:
         if name not in ABLATE_SETS and name != "train":
             assert "--" + name.replace("_", "-") in help_text, name
 

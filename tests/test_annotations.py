@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.annotations import AnnotationError, read_annotations
-from pipeline.labels import RAER5
+from cache.core.labels import RAER5
 
 
 def _write(path, text):

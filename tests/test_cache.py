@@ -8,7 +8,7 @@ import pytest
 from cache import (StoreError, build_store_from_arrays, fingerprint_mismatch, make_fingerprint,
                    open_store)
 from cache.store import ClipResult, ClipRow, StoreWriter, create_zarr, describe_mismatch
-from pipeline.labels import CAER7, RAER5
+from cache.core.labels import CAER7, RAER5
 
 
 def _arrays(n=6, s=4, k=2, d=8, seed=0):

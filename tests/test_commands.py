@@ -36,7 +36,7 @@ def test_library_functions_check_their_config(tmp_path):
     from heads.evaluate import evaluate
     from heads.official import import_official
     from heads.predict import predict
-    from pipeline.demo import run_demo
+    from heads.demo import run_demo
 
     with pytest.raises(CaerError, match="--run is required"):
         evaluate(EvaluateConfig(cache="c.zarr"))

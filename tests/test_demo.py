@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from pipeline import demo
+from heads import demo
 from pipeline.annotations import read_annotations
-from pipeline.errors import CaerError
-from pipeline.labels import load_label_set
+from cache.core.errors import CaerError
+from cache.core.labels import load_label_set
 
 
 @pytest.fixture(scope="module")

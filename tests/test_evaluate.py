@@ -23,8 +23,8 @@ from heads.metrics import REPORT_KEYS
 from heads.model import CaerModel, HeadConfig
 from heads.run import save_run
 from pipeline.clip import build_random_clip
-from pipeline.errors import CaerError
-from pipeline.labels import RAER5
+from cache.core.errors import CaerError
+from cache.core.labels import RAER5
 
 SEGMENTS, K, D = 4, 3, 512
 
@@ -246,7 +246,7 @@ def test_mismatched_cache_is_refused_with_the_extract_command(setup, tmp_path, t
 
 
 def test_other_classes_are_refused(setup, tmp_path, tiny):
-    from pipeline.labels import CAER7
+    from cache.core.labels import CAER7
 
     _, run, _ = setup
     cache = tmp_path / "caer.zarr"

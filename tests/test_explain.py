@@ -17,8 +17,8 @@ from heads.explain import INDEX_COLUMNS, NPZ_KEYS, cls_attention, explain, expla
 from heads.model import CaerModel, HeadConfig
 from heads.train import train_head
 from pipeline.clip import CLIP_MEAN, CLIP_STD, build_random_clip
-from pipeline.errors import CaerError
-from pipeline.labels import RAER5
+from cache.core.errors import CaerError
+from cache.core.labels import RAER5
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 S = 4

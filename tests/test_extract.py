@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from cache import open_store
 from conftest import ROOT, moving_square_frames, write_frame_folder, write_video
-from pipeline.errors import CaerError
+from cache.core.errors import CaerError
 from pipeline.extract import ExtractConfig, run_extract
 
 SMALL = dict(segments=16, batch_size=24, workers=0, quiet=True)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import pipeline.faces as faces
-from pipeline.errors import CaerError
+from cache.core.errors import CaerError
 from pipeline.faces import MODEL_DIR, MODEL_FILES, FaceDetector, FaceModelError, load_model_bytes
 from pipeline.video import read_frames, sample_indices
 

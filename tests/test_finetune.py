@@ -18,9 +18,11 @@ from safetensors.torch import load_file
 from cache import build_store_from_arrays, open_store
 from heads.data import (PixelClips, augment_clip, pil_rotation_matrix, raw_face_sizes,
                         rotate_like_original)
-from heads.train import FinetuneConfig, TrainConfig, finetune, predict_cache, train_head
-from pipeline.clip import build_random_clip, local_cuda_device, resolve_precision
-from pipeline.errors import CaerError
+from heads.evaluate import predict_cache
+from heads.train import FinetuneConfig, TrainConfig, finetune, train_head
+from pipeline.clip import build_random_clip
+from cache.core.runtime import local_cuda_device, resolve_precision
+from cache.core.errors import CaerError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = build_random_clip("tiny")

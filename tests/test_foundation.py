@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 import cli
 from pipeline.clip import ClipLoadError, build_random_clip, load_clip
-from pipeline.labels import LabelSetError, load_label_set
+from cache.core.labels import LabelSetError, load_label_set
 
 STAGES = ["extract", "info", "train-head", "finetune", "evaluate", "predict",
           "import-official", "demo"]

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from cli import main
 from conftest import moving_square_frames, write_frame_folder, write_video
 from pipeline.annotations import read_annotations
-from pipeline.labels import BUILTIN, CAER7, DAISEE, DFEW7, LabelSet, load_label_set
+from cache.core.labels import BUILTIN, CAER7, DAISEE, DFEW7, LabelSet, load_label_set
 
 
 def _video(path: Path, seed: int = 0) -> Path:
@@ -317,7 +317,7 @@ def test_out_is_never_overwritten_without_force_and_options_check_themselves(cae
     # A Python caller gets the same checks: the library function validates its config.
     from pipeline.config import IndexConfig
     from pipeline.datasets import index_dataset
-    from pipeline.errors import CaerError
+    from cache.core.errors import CaerError
 
     with pytest.raises(CaerError, match="--split-from applies to the folders layout only"):
         index_dataset(IndexConfig(layout="dfew", root=str(caer_root), out=str(out),

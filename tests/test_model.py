@@ -12,8 +12,8 @@ from heads import CaerModel, HeadConfig, load_run, save_run
 from heads.model import TemporalTransformer, tokenize_prompts
 from heads.run import RunError
 from pipeline.clip import _pooled, build_random_clip, load_clip
-from pipeline.errors import CaerError
-from pipeline.labels import RAER5, LabelSet
+from cache.core.errors import CaerError
+from cache.core.labels import RAER5, LabelSet
 
 # Short descriptors that end at different places, so that truncating the text tower at the
 # longest EOT really cuts positions off.

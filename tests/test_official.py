@@ -264,7 +264,7 @@ def test_a_head_on_the_imported_clip_tokenizes_as_the_original(imported_run):
     # CLIP's own BPE, so the descriptors become exactly the original's prompt ids.
     from heads import CaerModel, HeadConfig
     from pipeline.clip import load_clip
-    from pipeline.labels import RAER5
+    from cache.core.labels import RAER5
 
     expected = _reference()["tokenized_prompts"]
     clip = load_clip(str(imported_run / "clip"))

@@ -440,7 +440,7 @@ def test_an_official_run_asks_for_a_preset_original_cache(tmp_path):
     from cli import main
     from heads.evaluate import extract_command, required_fingerprint
     from pipeline.config import PRESETS
-    from pipeline.labels import load_label_set
+    from cache.core.labels import load_label_set
 
     run_config = {"kind": "import-official", "clip": {"dir": "clip", "revision": "r"},
                   "model": {"feature_dim": 512}, "labels": load_label_set("raer5").as_dict(),

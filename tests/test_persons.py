@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import pipeline.persons as persons
-from pipeline.errors import CaerError
+from cache.core.errors import CaerError
 from pipeline.faces import FaceDetector
 from pipeline.persons import (MODEL_DIR, MODEL_FILE, PersonDetector, PersonModelError,
                               detect_persons, pick_body_box)

@@ -16,7 +16,7 @@ from heads.model import CaerModel, HeadConfig
 from heads.predict import PredictConfig, predict
 from heads.run import save_run
 from pipeline.clip import build_random_clip
-from pipeline.labels import RAER5
+from cache.core.labels import RAER5
 
 SEGMENTS = 4
 

@@ -130,8 +130,8 @@ def test_a_prompt_token_id_past_the_vocabulary_is_one_line(trained, tmp_path):
 def test_the_model_refuses_token_ids_past_its_vocabulary():
     from heads.model import CaerModel, HeadConfig
     from pipeline.clip import build_random_clip
-    from pipeline.errors import CaerError
-    from pipeline.labels import RAER5
+    from cache.core.errors import CaerError
+    from cache.core.labels import RAER5
 
     clip = build_random_clip("tiny")
     vocab = clip.model.text_model.embeddings.token_embedding.num_embeddings

@@ -12,7 +12,7 @@ import torch
 from heads import CaerModel, HeadConfig
 from heads.text import TowerOptions
 from pipeline.clip import LoadedClip, build_random_clip
-from pipeline.labels import LabelSet
+from cache.core.labels import LabelSet
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -18,7 +18,7 @@ import pytest
 import pipeline.tokenizer as tokenizer_module
 from heads.model import tokenize_prompts
 from pipeline.clip import build_random_clip
-from pipeline.labels import BUILTIN, RAER5
+from cache.core.labels import BUILTIN, RAER5
 from pipeline.tokenizer import VOCAB_DIR, VOCAB_FILE, VocabFileError, clean_text, clip_tokenizer
 from tests.conftest import REFERENCE_DIR, _package_dir
 

@@ -3,6 +3,7 @@ skips failed clips, refuses bad flags and mismatched caches with one line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import replace
@@ -16,9 +17,10 @@ from safetensors.torch import load_file
 from cache import build_store_from_arrays, open_store
 from cache.store import ClipResult
 from heads.data import FeatureBank, split_clips
-from heads.train import TrainConfig, predict_cache, train_head
+from heads.evaluate import predict_cache
+from heads.train import TrainConfig, train_head
 from pipeline.clip import build_random_clip
-from pipeline.errors import CaerError
+from cache.core.errors import CaerError
 
 TINY_REVISION = build_random_clip("tiny").revision
 C, D = 5, 512
@@ -117,7 +119,7 @@ def test_resume_after_a_stop_gives_the_same_weights_as_an_uninterrupted_run(tmp_
 def test_drop_last_drops_each_epoch_s_last_partial_batch_on_any_rank_layout(tmp_path):
     from torch.utils.data import DistributedSampler
 
-    from heads.train import _full_batches_only
+    from heads.inputs import full_batches_only
 
     make_store(tmp_path / "c.zarr", n_train=21, n_test=5)
     opts = dict(epochs=2, milestones=(1,), batch_size=8, val_fraction=0, select="last")
@@ -131,9 +133,9 @@ def test_drop_last_drops_each_epoch_s_last_partial_batch_on_any_rank_layout(tmp_
     # The kept clips are the first two global batches of the epoch's one permutation, whether
     # one process or two (DDP) share them.
     order = list(DistributedSampler(range(21), num_replicas=1, rank=0, shuffle=True, seed=3))
-    one = _full_batches_only(DistributedSampler(range(21), num_replicas=1, rank=0, seed=3), 21, 8, 1)
+    one = full_batches_only(DistributedSampler(range(21), num_replicas=1, rank=0, seed=3), 21, 8, 1)
     assert list(one) == order[:16] and len(one) == 16
-    ranks = [list(_full_batches_only(DistributedSampler(range(21), num_replicas=2, rank=r, seed=3),
+    ranks = [list(full_batches_only(DistributedSampler(range(21), num_replicas=2, rank=r, seed=3),
                                      21, 8, 2)) for r in (0, 1)]
     assert ranks[0] == order[0:16:2] and ranks[1] == order[1:16:2]
 
@@ -287,10 +289,11 @@ def test_validation_builds_no_autograd_graph(tmp_path, monkeypatch):
 
 
 def test_dropout_masks_follow_the_clip_not_its_place_in_the_batch(tmp_path):
-    from heads.train import _build_model, sample_dropout, use_sample_dropout
+    from heads.recipe import build_model
+    from heads.step import sample_dropout, use_sample_dropout
 
     store = make_store(tmp_path / "c.zarr", n_train=10, n_test=0)
-    model = _build_model(config(tmp_path / "c.zarr", tmp_path / "x"), "train-head", store)
+    model = build_model(config(tmp_path / "c.zarr", tmp_path / "x"), store)
     use_sample_dropout(model)
     model.train()
     bank = FeatureBank(store, np.arange(10), with_flip=False)
@@ -357,7 +360,7 @@ def test_config_fields_are_the_cli_options():
     from cli import main
 
     help_text = CliRunner().invoke(main, ["train-head", "--help"]).output
-    for f in TrainConfig.__dataclass_fields__:
+    for f in (field.name for field in dataclasses.fields(TrainConfig)):
         assert "--" + f.replace("_", "-") in help_text, f
     with pytest.raises(CaerError, match="--device"):
         train_head(replace(TrainConfig(cache="c", out="o"), device="tpu"))

@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from conftest import moving_square_frames, write_frame_folder, write_video
-from pipeline.video import (ClipError, middle_candidate, natural_key, probe_clip, read_frames,
-                            sample_indices)
+from pipeline.video import ClipError, probe_clip, read_frames, sample_indices
+from cache.frames import middle_candidate
+from cache.core.text import natural_key
 
 GOP10 = "keyint=10:min-keyint=10:scenecut=0"  # x264 keeps its default B-frames
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from pipeline.config import IndexConfig
 from pipeline.datasets import caer, daisee, dfew, folders
 from pipeline.datasets.common import Indexed, LayoutError, entries, write_csv, write_text
-from pipeline.labels import DAISEE, LabelSet, load_label_set
+from cache.core.labels import DAISEE, LabelSet, load_label_set
 
 LAYOUTS = {"caer": caer, "daisee": daisee, "dfew": dfew, "folders": folders}
 DEFAULT_LABELS = {"caer": "caer7", "dfew": "dfew7"}

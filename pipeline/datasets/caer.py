@@ -23,7 +23,7 @@ def _split_dirs(root: Path) -> dict[str, Path]:
 
 def looks_like(root: Path) -> bool:
     """A split folder holding at least one of CAER's emotion folders."""
-    from pipeline.labels import CAER7
+    from cache.core.labels import CAER7
 
     emotions = {n.lower() for n in CAER7.names}
     return any(p.is_dir() and p.name.lower() in emotions
@@ -31,7 +31,7 @@ def looks_like(root: Path) -> bool:
 
 
 def index(root: Path, config) -> Indexed:
-    from pipeline.labels import CAER7
+    from cache.core.labels import CAER7
 
     splits = _split_dirs(root)
     skipped = [Skipped(relative(root, p), "not a CAER split folder (train, validation, test)")

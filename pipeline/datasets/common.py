@@ -9,9 +9,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.errors import CaerError
-from pipeline.labels import LabelSet, load_label_set
-from pipeline.video import IMAGE_SUFFIXES, natural_key
+from cache.core.errors import CaerError
+from cache.core.labels import LabelSet, load_label_set
+from pipeline.video import IMAGE_SUFFIXES
+from cache.core.text import natural_key
 
 # Containers FFmpeg reads that datasets ship clips in; anything else in a clip's place is
 # reported, not guessed at.

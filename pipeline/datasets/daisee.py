@@ -93,7 +93,7 @@ def _clips_on_disk(root: Path, folder: Path, skipped: list[Skipped]) -> dict[str
 
 
 def index(root: Path, config) -> Indexed:
-    from pipeline.labels import DAISEE
+    from cache.core.labels import DAISEE
 
     levels_named = DAISEE[config.target].names  # level 0..3 -> its class name
     labels, _ = label_set(DAISEE[config.target].name, config.labels, levels_named)

@@ -99,7 +99,7 @@ def _original_videos(folder: Path) -> dict[str, Path]:
 
 
 def index(root: Path, config) -> Indexed:
-    from pipeline.labels import DFEW7
+    from cache.core.labels import DFEW7
 
     labels, _ = label_set("dfew7", config.labels, DFEW7.names)
     files = _split_files(root, config.fold)

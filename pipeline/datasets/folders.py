@@ -18,8 +18,8 @@ from pathlib import Path
 from pipeline.datasets.common import (SPLIT_NAMES, Indexed, IndexedClip, LayoutError, Skipped,
                                       canonical, entries, is_clip, label_set,
                                       relative)
-from pipeline.labels import LabelClass, LabelSet
-from pipeline.video import natural_key
+from cache.core.labels import LabelClass, LabelSet
+from cache.core.text import natural_key
 
 EXPECTED = "ROOT/<split>/<class>/<clip> or ROOT/<class>/<clip> (a video file or frame folder)"
 

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from cache.atomic import atomic_write, atomic_write_bytes, atomic_write_text, refuse_symlink
-from heads.config import DemoConfig  # noqa: F401 - pipeline.demo.DemoConfig as before
-from pipeline.errors import CaerError
+from heads.config import DemoConfig
+from cache.core.errors import CaerError
 
 FRAME_W, FRAME_H = 160, 120  # 4:3, even (yuv420p needs even sides)
 FPS = 25
@@ -483,7 +483,7 @@ def run_demo(config: DemoConfig) -> dict:
     echo(format_evaluation(evaluation))
     uar = evaluation.report.uar
     png = report_dir / "confusion_matrix.png"
-    from pipeline.demo_analyses import run_analyses
+    from heads.demo_analyses import run_analyses
 
     analyses = run_analyses(config, cache, run, out, echo)
     seconds = time.perf_counter() - start

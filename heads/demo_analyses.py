@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.demo import DemoConfig, _shell, _short, _stage
+from heads.config import DemoConfig
+from heads.demo import _shell, _short, _stage
 
 
 def run_analyses(config: DemoConfig, cache: Path, run: Path, out: Path, echo) -> dict:
