@@ -35,7 +35,7 @@ MODEL_FILES = {
 }
 
 # MediaPipe, TFLite/LiteRT and absl log through glog/absl to stderr; these must be set before
-# mediapipe is imported. What they do not silence is caught by _quiet_stderr below.
+# mediapipe is imported. What they do not silence is caught by quiet_stderr below.
 os.environ.setdefault("GLOG_minloglevel", "2")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -51,7 +51,7 @@ class Detection:
 
 
 @contextlib.contextmanager
-def _quiet_stderr():
+def quiet_stderr():
     """Send the process's stderr (fd 2, where the native libraries write) to /dev/null."""
     try:
         sys.stderr.flush()
@@ -69,37 +69,39 @@ def _quiet_stderr():
         os.close(devnull)
 
 
-def _read_checksums() -> dict[str, str]:
-    sums = MODEL_DIR / "SHA256SUMS"
-    if not sums.is_file():
-        raise FaceModelError(f"{sums} is missing; reinstall caer-kit (pip install -e .) "
-                             f"or restore pipeline/models/ from the repository")
-    table = {}
-    for line in sums.read_text().splitlines():
-        if line.strip():
-            digest, name = line.split()
-            table[name.lstrip("*")] = digest
-    return table
-
-
-def load_model_bytes(model: str) -> bytes:
-    """The vendored model's bytes, after checking them against SHA256SUMS."""
-    if model not in MODEL_FILES:
-        raise CaerError(f"unknown face model {model!r}; choose one of {sorted(MODEL_FILES)}")
-    name = MODEL_FILES[model]
-    path = MODEL_DIR / name
+def verified_model_bytes(directory: Path, name: str, what: str,
+                         error: type[CaerError]) -> bytes:
+    """The bytes of vendored model file `name` in `directory`, after checking them against
+    that folder's SHA256SUMS; every fault raises `error` naming the file (`what` says which
+    model it is: "face model", "person model")."""
+    path = directory / name
     fix = ("restore pipeline/models/ from the repository or reinstall caer-kit "
            "(pip install -e .); see pipeline/models/README.md for its origin")
     if not path.is_file():
-        raise FaceModelError(f"face model file {path} is missing: {fix}")
+        raise error(f"{what} file {path} is missing: {fix}")
     data = path.read_bytes()
-    expected = _read_checksums().get(name)
+    sums = directory / "SHA256SUMS"
+    if not sums.is_file():
+        raise error(f"{sums} is missing; reinstall caer-kit (pip install -e .) "
+                    f"or restore pipeline/models/ from the repository")
+    table = {}
+    for line in sums.read_text().splitlines():
+        if line.strip():
+            digest, listed = line.split()
+            table[listed.lstrip("*")] = digest
+    expected = table.get(name)
     if expected is None:
-        raise FaceModelError(f"{name} has no line in {MODEL_DIR / 'SHA256SUMS'}: {fix}")
+        raise error(f"{name} has no line in {sums}: {fix}")
     if hashlib.sha256(data).hexdigest() != expected:
-        raise FaceModelError(f"face model file {path} does not match its SHA256SUMS "
-                             f"(corrupt or replaced): {fix}")
+        raise error(f"{what} file {path} does not match its SHA256SUMS (corrupt or replaced): {fix}")
     return data
+
+
+def load_model_bytes(model: str) -> bytes:
+    """The vendored face model's bytes, after checking them against SHA256SUMS."""
+    if model not in MODEL_FILES:
+        raise CaerError(f"unknown face model {model!r}; choose one of {sorted(MODEL_FILES)}")
+    return verified_model_bytes(MODEL_DIR, MODEL_FILES[model], "face model", FaceModelError)
 
 
 _LIVE = weakref.WeakSet()
@@ -131,7 +133,7 @@ class FaceDetector:
 
     def _create(self):
         data = load_model_bytes(self.model)
-        with _quiet_stderr():
+        with quiet_stderr():
             from mediapipe.tasks.python import BaseOptions, vision
 
             options = vision.FaceDetectorOptions(
@@ -153,7 +155,7 @@ class FaceDetector:
         if self._warm:
             result = self._detector.detect(image)
         else:  # the first call logs the delegate set-up and a memory-alignment notice
-            with _quiet_stderr():
+            with quiet_stderr():
                 result = self._detector.detect(image)
             self._warm = True
         best = max(result.detections, key=lambda d: d.categories[0].score, default=None)
@@ -170,7 +172,7 @@ class FaceDetector:
 
     def close(self):
         if self._detector is not None:
-            with _quiet_stderr():
+            with quiet_stderr():
                 self._detector.close()
             self._detector = None
         _LIVE.discard(self)

@@ -28,7 +28,6 @@ bottom.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -37,8 +36,9 @@ from pathlib import Path
 import numpy as np
 
 from cache.core.errors import CaerError
-# The face detector's module holds the stderr silencer the native runtimes need.
-from pipeline.faces import _quiet_stderr
+# The face detector's module holds the stderr silencer and the checksum check the vendored
+# models share.
+from pipeline.faces import quiet_stderr, verified_model_bytes
 
 MODEL_DIR = Path(__file__).resolve().parent / "models"  # beside the face models
 
@@ -67,23 +67,7 @@ class Person:
 
 def load_model_bytes() -> bytes:
     """The vendored model's bytes, after checking them against SHA256SUMS."""
-    path = MODEL_DIR / MODEL_FILE
-    fix = ("restore pipeline/models/ from the repository or reinstall caer-kit "
-           "(pip install -e .); see pipeline/models/README.md for its origin")
-    if not path.is_file():
-        raise PersonModelError(f"person model file {path} is missing: {fix}")
-    data = path.read_bytes()
-    sums = MODEL_DIR / "SHA256SUMS"
-    lines = sums.read_text().split("\n") if sums.is_file() else []
-    table = {name.lstrip("*"): digest for digest, name in
-             (line.split() for line in lines if line.strip())}
-    expected = table.get(MODEL_FILE)
-    if expected is None:
-        raise PersonModelError(f"{MODEL_FILE} has no line in {MODEL_DIR / 'SHA256SUMS'}: {fix}")
-    if hashlib.sha256(data).hexdigest() != expected:
-        raise PersonModelError(f"person model file {path} does not match its SHA256SUMS "
-                               f"(corrupt or replaced): {fix}")
-    return data
+    return verified_model_bytes(MODEL_DIR, MODEL_FILE, "person model", PersonModelError)
 
 
 def _anchor_centres() -> np.ndarray:
@@ -157,7 +141,7 @@ class PersonDetector:
 
     def _create(self):
         data = load_model_bytes()
-        with _quiet_stderr():  # LiteRT announces its XNNPACK delegate on stderr
+        with quiet_stderr():  # LiteRT announces its XNNPACK delegate on stderr
             from ai_edge_litert.interpreter import Interpreter
 
             interpreter = Interpreter(model_content=data, num_threads=self.num_threads)
@@ -200,7 +184,7 @@ class PersonDetector:
         if self._warm:
             self._interpreter.invoke()
         else:
-            with _quiet_stderr():
+            with quiet_stderr():
                 self._interpreter.invoke()
             self._warm = True
         raw = self._interpreter.get_tensor(self._raw_boxes)[0].astype(np.float64)
