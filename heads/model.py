@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from heads.text import TextTower
-from pipeline.clip import CLIP_MEAN, CLIP_STD, LoadedClip, _pooled
+from pipeline.clip import CLIP_MEAN, CLIP_STD, LoadedClip, pooled_features
 from cache.core.errors import CaerError
 from cache.core.labels import LabelSet
 from pipeline.tokenizer import clean_text
@@ -290,7 +290,7 @@ class CaerModel(nn.Module):
         x = pixels.flatten(0, 1).to(self.pixel_mean.dtype)
         if self.normalize == "clip":
             x = (x - self.pixel_mean) / self.pixel_std
-        return _pooled(self.clip.get_image_features(pixel_values=x)).view(b, t, -1)
+        return pooled_features(self.clip.get_image_features(pixel_values=x)).view(b, t, -1)
 
     def forward_pixels(self, face: torch.Tensor | None, context: torch.Tensor | None,
                        text_features: torch.Tensor | None = None) -> torch.Tensor:

@@ -72,7 +72,7 @@ class LoadedClip:
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected CLS embeddings of already-normalised images ``[N, 3, H, W]``."""
-        return _pooled(self.model.get_image_features(pixel_values=pixel_values))
+        return pooled_features(self.model.get_image_features(pixel_values=pixel_values))
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
@@ -80,7 +80,7 @@ class LoadedClip:
                                 max_length=self.model.config.text_config.max_position_embeddings,
                                 return_tensors="pt")
         device = next(self.model.parameters()).device
-        return _pooled(self.model.get_text_features(input_ids=tokens["input_ids"].to(device)))
+        return pooled_features(self.model.get_text_features(input_ids=tokens["input_ids"].to(device)))
 
     def save(self, directory: str | os.PathLike) -> None:
         _quiet_transformers()
@@ -88,8 +88,10 @@ class LoadedClip:
         self.tokenizer.save_pretrained(directory)
 
 
-def _pooled(out) -> torch.Tensor:
-    # transformers 5 returns a ModelOutput from get_*_features, 4.x a tensor.
+def pooled_features(out) -> torch.Tensor:
+    """The projected embeddings ``[N, D]`` from what ``CLIPModel.get_image_features`` or
+    ``get_text_features`` returned: transformers 5 returns a ModelOutput (the embeddings are its
+    ``pooler_output``), 4.x the tensor itself."""
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from heads import CaerModel, HeadConfig, load_run, save_run
 from heads.model import TemporalTransformer, tokenize_prompts
 from heads.run import RunError
-from pipeline.clip import _pooled, build_random_clip, load_clip
+from pipeline.clip import build_random_clip, load_clip, pooled_features
 from cache.core.errors import CaerError
 from cache.core.labels import RAER5, LabelSet
 
@@ -61,7 +61,7 @@ def test_prompt_encoding_with_x_context_equals_get_text_features(tiny, labels):
         token_embedding = model.clip.text_model.embeddings.token_embedding
         model.prompt_learner.ctx.copy_(token_embedding(ids[:, 1:9]))
         ours = model.encode_text()
-        theirs = F.normalize(_pooled(tiny.model.get_text_features(input_ids=ids)), dim=-1)
+        theirs = F.normalize(pooled_features(tiny.model.get_text_features(input_ids=ids)), dim=-1)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 

@@ -20,9 +20,9 @@ from click.testing import CliRunner
 
 from cli import main
 from heads import load_run
-from heads.official import (CheckpointError, _Inert, convert_openai_clip,
-                            load_official_checkpoint, prompt_token_ids_from_checkpoint)
-from pipeline.clip import _pooled
+from heads.official_convert import convert_openai_clip, prompt_token_ids_from_checkpoint
+from heads.unpickle import CheckpointError, _Inert, load_official_checkpoint
+from pipeline.clip import pooled_features
 from tests.conftest import REFERENCE_DIR
 
 CHECKPOINT = REFERENCE_DIR / "model_best.pth"
@@ -174,8 +174,8 @@ def test_clip_conversion_infers_every_size():
     with torch.no_grad():
         for get, kwargs in (("get_image_features", {"pixel_values": pixels}),
                             ("get_text_features", {"input_ids": ids})):
-            torch.testing.assert_close(_pooled(getattr(converted, get)(**kwargs)),
-                                       _pooled(getattr(original, get)(**kwargs)))
+            torch.testing.assert_close(pooled_features(getattr(converted, get)(**kwargs)),
+                                       pooled_features(getattr(original, get)(**kwargs)))
 
 
 def test_prompt_tokens_and_eot_are_recovered_from_embeddings():
