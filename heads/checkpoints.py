@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from cache.atomic import atomic_write, atomic_write_text, output_dir
+from cache.atomic import atomic_write, atomic_write_text, output_dir, refuse_symlink
 from cache.core.errors import CaerError
 
 CHECKPOINTS = "checkpoints"
@@ -33,6 +33,17 @@ class State:
     best_epoch: int | None = None
     best_val_uar: float | None = None
     finished: bool = False
+
+
+def check_out(config) -> None:
+    """--out is a new (or empty) directory, or one that --resume continues."""
+    out = Path(config.out)
+    refuse_symlink(out, "--out")
+    if out.exists() and not out.is_dir():
+        raise CaerError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not config.resume:
+        raise CaerError(f"--out {out}: already holds files; pass --resume to continue that run "
+                        f"or choose another directory")
 
 
 def recorded_options(config, seed: int) -> dict:

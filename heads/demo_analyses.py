@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from heads.config import DemoConfig
-from heads.demo import _shell, _short, _stage
+from heads.demo import print_stage, shell_command, short_path
 
 
 def run_analyses(config: DemoConfig, cache: Path, run: Path, out: Path, echo) -> dict:
@@ -18,13 +18,13 @@ def run_analyses(config: DemoConfig, cache: Path, run: Path, out: Path, echo) ->
 
     ablate_dir, cams = out / "ablate", out / "explain"
     epochs = max(1, config.epochs // 6)  # four more runs: a sixth of the epochs each
-    _stage(5, "ablate", "context only against face + context, two seeds each, and the "
+    print_stage(5, "ablate", "context only against face + context, two seeds each, and the "
                         "zero-shot and linear-probe baselines")
-    echo(_shell(["ablate", "--cache", cache, "--out", ablate_dir, "--streams", "context,both",
+    echo(shell_command(["ablate", "--cache", cache, "--out", ablate_dir, "--streams", "context,both",
                  "--seeds", "1,2", "--baselines", "zero-shot,linear-probe", "--epochs", epochs,
                  "--lr-temporal", config.lr_temporal, "--quiet"]))
     echo(f"      four ordinary train-head runs ({epochs} epochs each, selected on val, scored on "
-         f"test) in {_short(ablate_dir / 'runs')}/")
+         f"test) in {short_path(ablate_dir / 'runs')}/")
     run_ablate(AblateConfig(cache=str(cache), out=str(ablate_dir), streams="context,both",
                             seeds=(1, 2), baselines="zero-shot,linear-probe",
                             train=TrainConfig(epochs=epochs, lr_temporal=config.lr_temporal,
@@ -34,8 +34,8 @@ def run_analyses(config: DemoConfig, cache: Path, run: Path, out: Path, echo) ->
              if line.startswith("|")]
     echo("\n".join("      " + line for line in table) + "\n")
 
-    _stage(6, "explain", "Grad-CAM on the crops and temporal attention, one test clip")
-    echo(_shell(["explain", "--run", run, "--cache", cache, "--split", "test", "--limit", 1,
+    print_stage(6, "explain", "Grad-CAM on the crops and temporal attention, one test clip")
+    echo(shell_command(["explain", "--run", run, "--cache", cache, "--split", "test", "--limit", 1,
                  "--out", cams]))
     result = explain(ExplainConfig(run=str(run), cache=str(cache), split="test", limit=1,
                                    out=str(cams)), progress=False)

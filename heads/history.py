@@ -1,5 +1,5 @@
-"""A training run's history: RUN/metrics.jsonl (one line per epoch), the epoch's log line and
-RUN/curves.png."""
+"""A training run's history: RUN/metrics.jsonl (one line per epoch), the epoch's log line,
+RUN/curves.png, and RUN/summary.json over several --seeds."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ log = logging.getLogger("caer")
 
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
+SEEDS_SUMMARY = "summary.json"
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -67,3 +68,23 @@ def plot_curves(history: list[dict], path: Path) -> None:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
+
+
+def seeds_summary(seeds, out: Path, results: list[dict]) -> dict:
+    """The mean and sample std over seeds of each run's val UAR, val WAR and train loss."""
+    summary = {"seeds": list(seeds), "runs": [str(out / f"seed-{s}") for s in seeds]}
+    for key in ("val_uar", "val_war", "train_loss"):
+        values = [r[key] for r in results if r.get(key) is not None]
+        if values:
+            summary[key] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1))
+                            if len(values) > 1 else 0.0, "values": values}
+    summary["per_seed"] = results
+    return summary
+
+
+def write_seeds_summary(out: Path, summary: dict) -> None:
+    atomic_write_text(out / SEEDS_SUMMARY, json.dumps(summary, indent=2) + "\n")
+    for key in ("val_uar", "val_war"):
+        if key in summary:
+            log.info("%s over seeds %s: %.2f +- %.2f %%", key, ",".join(map(str, summary["seeds"])),
+                     100 * summary[key]["mean"], 100 * summary[key]["std"])

@@ -13,7 +13,6 @@ the order of float sums in the gradient all-reduce).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -27,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from cache.atomic import atomic_write_text, output_dir, refuse_symlink
+from cache.atomic import output_dir
 from cache.core.errors import CaerError
 from cache.core.runtime import Distributed, resolve_device, resolve_precision
 from heads import checkpoints, history
@@ -60,7 +59,7 @@ def train(config: TrainConfig) -> dict:
     # Rank 0 validates and saves while the others wait at a barrier: allow it an hour.
     d.init(cuda=resolve_device(config.device).type == "cuda", timeout=timedelta(hours=1))
     try:
-        _check_out(config)
+        checkpoints.check_out(config)
         d.barrier()  # every process has checked --out before rank 0 writes to it
         return _fit_seeds(config, d)
     finally:
@@ -73,30 +72,10 @@ def _fit_seeds(config: TrainConfig, d: Distributed) -> dict:
     if len(config.seeds) == 1:
         return fit(config, config.seeds[0], out)
     results = [fit(config, seed, out / f"seed-{seed}") for seed in config.seeds]
-    summary = {"seeds": list(config.seeds), "runs": [str(out / f"seed-{s}") for s in config.seeds]}
-    for key in ("val_uar", "val_war", "train_loss"):
-        values = [r[key] for r in results if r.get(key) is not None]
-        if values:
-            summary[key] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1))
-                            if len(values) > 1 else 0.0, "values": values}
-    summary["per_seed"] = results
+    summary = history.seeds_summary(config.seeds, out, results)
     if d.rank == 0:
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-        for key in ("val_uar", "val_war"):
-            if key in summary:
-                log.info("%s over seeds %s: %.2f +- %.2f %%", key, ",".join(map(str, config.seeds)),
-                         100 * summary[key]["mean"], 100 * summary[key]["std"])
+        history.write_seeds_summary(out, summary)
     return summary
-
-
-def _check_out(config: TrainConfig) -> None:
-    out = Path(config.out)
-    refuse_symlink(out, "--out")
-    if out.exists() and not out.is_dir():
-        raise CaerError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not config.resume:
-        raise CaerError(f"--out {out}: already holds files; pass --resume to continue that run "
-                        f"or choose another directory")
 
 
 # ============================================================================ one run

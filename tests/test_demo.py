@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from heads import demo
+from heads import demo, demo_data
 from pipeline.annotations import read_annotations
 from cache.core.errors import CaerError
 from cache.core.labels import load_label_set
@@ -24,12 +24,12 @@ from cache.core.labels import load_label_set
 
 @pytest.fixture(scope="module")
 def sources() -> dict:
-    return demo.load_sources()
+    return demo_data.load_sources()
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> demo.DemoDataset:
-    return demo.build_demo_dataset(tmp_path_factory.mktemp("demo") / "data", progress=False)
+def dataset(tmp_path_factory) -> demo_data.DemoDataset:
+    return demo_data.build_demo_dataset(tmp_path_factory.mktemp("demo") / "data", progress=False)
 
 
 def _decode(path: Path) -> np.ndarray:
@@ -48,7 +48,7 @@ def clips(dataset) -> list[dict]:
     """Every clip of the built dataset, decoded from disk: id, label, split, frames."""
     from PIL import Image
 
-    label_of = {c.name: i for i, c in enumerate(demo.CLASSES)}
+    label_of = {c.name: i for i, c in enumerate(demo_data.CLASSES)}
     out = []
     with open(dataset.videos_csv, newline="") as f:
         for row in csv.DictReader(f):
@@ -65,10 +65,10 @@ def clips(dataset) -> list[dict]:
 
 def test_dataset_has_enough_classes_clips_and_stratified_splits(dataset):
     labels = load_label_set(str(dataset.labels))
-    assert len(labels) >= 5 and labels.names == [c.name for c in demo.CLASSES]
-    files = [dataset.videos_csv] + [dataset.list_files[s] for s in demo.SPLITS]
+    assert len(labels) >= 5 and labels.names == [c.name for c in demo_data.CLASSES]
+    files = [dataset.videos_csv] + [dataset.list_files[s] for s in demo_data.SPLITS]
     # The CSV's own split column wins over the split given for it.
-    rows, meta = read_annotations(files, labels, splits=["train", *demo.SPLITS],
+    rows, meta = read_annotations(files, labels, splits=["train", *demo_data.SPLITS],
                                   root=dataset.root)
     assert len(rows) == dataset.n_clips >= 40
     assert len({r.id for r in rows}) == len(rows)
@@ -80,7 +80,7 @@ def test_dataset_has_enough_classes_clips_and_stratified_splits(dataset):
     assert sorted(per_class) == list(range(len(labels)))
     # Stratified: every class has the same number of clips in each split.
     assert all(counts == per_class[0] for counts in per_class.values()), per_class
-    assert set(per_class[0]) == set(demo.SPLITS) and per_class[0]["test"] >= 3
+    assert set(per_class[0]) == set(demo_data.SPLITS) and per_class[0]["test"] >= 3
     # At least one class is RAER-style frame folders listed in the original format.
     folder_rows = [r for r in rows if Path(r.path).is_dir()]
     video_rows = [r for r in rows if Path(r.path).is_file()]
@@ -93,7 +93,7 @@ def test_list_files_use_the_original_release_format(dataset):
     for split, path in dataset.list_files.items():
         for line in path.read_text().splitlines():
             folder, n_frames, label = line.split(" ")
-            assert 1 <= int(label) <= len(demo.CLASSES)  # 1-based, as the release has it
+            assert 1 <= int(label) <= len(demo_data.CLASSES)  # 1-based, as the release has it
             names = _frame_names(dataset.root / folder)
             assert int(n_frames) == len(names)
             # Unpadded numeric names, 1..N: "10.jpg" sorts before "2.jpg" as strings.
@@ -105,7 +105,7 @@ def test_every_clip_is_a_real_decodable_video_or_folder(dataset, clips):
     assert len(clips) == dataset.n_clips
     for clip in clips:
         frames = clip["frames"]
-        assert frames.shape[1:] == (demo.FRAME_H, demo.FRAME_W, 3), clip["id"]
+        assert frames.shape[1:] == (demo_data.FRAME_H, demo_data.FRAME_W, 3), clip["id"]
         assert 24 <= len(frames) <= 40
         assert frames.std() > 10  # a picture, not a flat colour
 
@@ -119,24 +119,24 @@ def test_classes_differ_visibly_and_clips_are_not_copies(clips):
     # Learnable: a nearest-class-mean rule on 20x15 thumbnails of the training clips already
     # labels most held-out clips correctly (the demo's head must do better than chance).
     train = np.array([c["split"] == "train" for c in clips])
-    means = np.stack([flat[train & (labels == k)].mean(0) for k in range(len(demo.CLASSES))])
+    means = np.stack([flat[train & (labels == k)].mean(0) for k in range(len(demo_data.CLASSES))])
     guess = np.abs(flat[~train][:, None] - means[None]).mean(-1).argmin(1)
     assert (guess == labels[~train]).mean() >= 0.6
 
 
 def test_dataset_is_deterministic_and_seeded(sources):
-    assert demo.plan_clips(seed=0) == demo.plan_clips(seed=0)
-    assert demo.plan_clips(seed=0) != demo.plan_clips(seed=1)
-    plan = demo.plan_clips()[-1]  # shaky-driver: the per-frame random shake is seeded too
-    assert demo.CLASSES[plan.label].motion == "shake"
-    np.testing.assert_array_equal(demo.render_clip(plan, sources),
-                                  demo.render_clip(plan, sources))
+    assert demo_data.plan_clips(seed=0) == demo_data.plan_clips(seed=0)
+    assert demo_data.plan_clips(seed=0) != demo_data.plan_clips(seed=1)
+    plan = demo_data.plan_clips()[-1]  # shaky-driver: the per-frame random shake is seeded too
+    assert demo_data.CLASSES[plan.label].motion == "shake"
+    np.testing.assert_array_equal(demo_data.render_clip(plan, sources),
+                                  demo_data.render_clip(plan, sources))
 
 
 def test_faces_are_in_view_in_the_face_classes(clips):
     from pipeline.faces import FaceDetector
 
-    faces = [demo.CLASSES.index(c) for c in demo.CLASSES if c.name in ("driver", "astronaut")]
+    faces = [demo_data.CLASSES.index(c) for c in demo_data.CLASSES if c.name in ("driver", "astronaut")]
     chosen = [c for c in clips if c["label"] in faces][::4]
     with FaceDetector("full") as detector:
         found = [detector.detect(frame).box is not None
@@ -159,8 +159,8 @@ def test_demo_command_end_to_end(tmp_path):
     png = out / "report" / "confusion_matrix.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "run" / "config.json").is_file() and (out / "run" / "curves.png").is_file()
-    chance = 1 / len(demo.CLASSES)
-    assert report["n"] >= 3 * len(demo.CLASSES)
+    chance = 1 / len(demo_data.CLASSES)
+    assert report["n"] >= 3 * len(demo_data.CLASSES)
     assert report["uar"] > chance + 0.2, report
     text = proc.stdout + proc.stderr
     assert "untrained" in text.lower()

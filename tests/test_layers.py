@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("cache", "pipeline", "heads")
 # Stage two's modules that drive stage one as well (they re-decode clips).
 DRIVERS = {"heads.predict", "heads.explain", "heads.explain_inputs", "heads.demo",
-           "heads.demo_analyses"}
+           "heads.demo_data", "heads.demo_analyses"}
 # Stage one's decoding: clips, frames, faces, persons, crops, the worker, extract itself.
 DECODING = ("pipeline.video", "pipeline.faces", "pipeline.persons", "pipeline.crops",
             "pipeline.prepare", "pipeline.original", "pipeline.boxes", "pipeline.annotations",
