@@ -13,7 +13,7 @@ auto), through the pipeline's public functions:
   letterbox   pipeline.crops.letterbox (the whole frame to 224x224)
   queueing    the worker's result (4.8 MB of crops) sent to another process over a real pipe
               and back, halved: pickling, the copy through the kernel, unpickling
-  encoding    pipeline.extract.BatchEncoder, batches of 64 = two clips' 32 crops, per clip
+  encoding    pipeline.encode.BatchEncoder, batches of 64 = two clips' 32 crops, per clip
   writing     cache.StoreWriter.write_clip of the clip's features into a fresh store
 
 "decode + colour" is checked against pipeline.video.read_frames, and the CPU stages against
@@ -135,12 +135,12 @@ def _pipe_seconds(payload, repeats: int) -> float:
 def stages(clip_path: Path, *, clip_spec: str, precision: str, repeats: int) -> dict:
     """Median seconds per clip of each stage, and the whole-worker and read_frames checks."""
     from cache import ClipResult, ClipRow, StoreWriter, make_fingerprint
-    from cache.store import create_zarr
+    from cache.writer import create_zarr
     from pipeline.clip import load_clip
     from cache.core.runtime import resolve_precision
     from pipeline.config import ExtractConfig
     from pipeline.crops import face_crop, letterbox
-    from pipeline.extract import BatchEncoder
+    from pipeline.encode import BatchEncoder
     from pipeline.faces import FaceDetector
     from cache.core.labels import load_label_set
     from pipeline.prepare import ClipTask, prepare_clip

@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 
 from cache.hdf5 import export_hdf5, remove_store
-from cache.store import (FORMAT_VERSION, ClipRow, FeatureStore, StoreError, StoreWriter,
-                         _writing, create_zarr, is_hdf5, make_fingerprint, open_store,
-                         staging_path)
+from cache.fingerprint import make_fingerprint
+from cache.layout import FORMAT_VERSION, ClipRow, is_hdf5, staging_path
+from cache.store import FeatureStore, StoreError, open_store
+from cache.writer import StoreWriter, create_zarr, write_every_chunk
 from cache.core.labels import load_label_set
 
 
@@ -53,7 +54,7 @@ def build_store_from_arrays(path, *, face, context, labels, splits, ids=None, fi
     rows = [ClipRow(ids[i], ids[i], int(labels[i]), splits[i]) for i in range(n)]
     create_zarr(target, fp, rows, [], metadata)
     writer = StoreWriter(target)
-    with _writing():
+    with write_every_chunk():
         r = zarr.open_group(str(target), mode="r+")
         _fill_arrays(r, n, s, k, face, context, face_flip, context_flip, pixels_face,
                      pixels_context)

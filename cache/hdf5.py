@@ -1,6 +1,6 @@
 """HDF5 stores and whole-store copies: a finished staging Zarr store written out as one
 ``.h5`` file, an ``.h5`` store turned back into a staging store to append to, and a store's
-deletion in one step. See cache/store.py for the crash-safety rules."""
+deletion in one step. See cache/layout.py for the crash-safety rules."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import json
 import os
 from pathlib import Path
 
-from cache.store import (INTEGRITY, StoreDamaged, StoredArray, _caer_attrs, _writing,
-                         create_zarr, open_store)
+from cache.layout import INTEGRITY, caer_attrs
+from cache.store import StoreDamaged, StoredArray, open_store
+from cache.writer import create_zarr, write_every_chunk
 
 
 def export_hdf5(staging: Path, path: Path) -> None:
@@ -25,7 +26,7 @@ def export_hdf5(staging: Path, path: Path) -> None:
                  "every_chunk_written": bool(src.integrity.get("every_chunk_written"))}
     try:
         with h5py.File(tmp, "w-") as f:  # w-: never through a link planted at the name
-            f.attrs["caer_kit"] = json.dumps(_caer_attrs(src.n_clips, src.fingerprint,
+            f.attrs["caer_kit"] = json.dumps(caer_attrs(src.n_clips, src.fingerprint,
                                                          src.metadata_columns, integrity),
                                              sort_keys=True)
             if src.metadata:
@@ -65,7 +66,7 @@ def import_hdf5(path: Path, staging: Path, skip_damaged: bool = False) -> None:
     remove_temporary(tmp)
     create_zarr(tmp, src.fingerprint, [], src.metadata_columns, src.metadata)
     try:
-        with _writing():
+        with write_every_chunk():
             group = zarr.open_group(str(tmp), mode="r+")
             damaged: set[int] = set()
             for name in src._specs:
@@ -75,7 +76,7 @@ def import_hdf5(path: Path, staging: Path, skip_damaged: bool = False) -> None:
                 for name, spec in src._specs.items():
                     if spec.per_clip and name.startswith("clips/"):
                         group[name][i] = spec.fill
-            group.attrs["caer_kit"] = _caer_attrs(src.n_clips, src.fingerprint,
+            group.attrs["caer_kit"] = caer_attrs(src.n_clips, src.fingerprint,
                                                   src.metadata_columns, INTEGRITY)
         os.replace(tmp, staging)
     except OSError as err:

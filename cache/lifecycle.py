@@ -1,5 +1,6 @@
 """A store's life as a writer sees it: what a --cache path is, the lock, the temporaries a
-killed writer leaves, and creating or extending a store before its clips are written.
+killed writer leaves, creating or extending a store before its clips are written, and a
+``.h5`` store's staging store. ``WriteSession`` is the writer's API to all of it.
 
 Two rules keep a user's files safe:
 - nothing is written, swept or deleted under a path until it is positively a caer-kit store
@@ -18,9 +19,13 @@ import re
 import shutil
 from pathlib import Path
 
-from cache.hdf5 import import_hdf5
-from cache.store import (ClipRow, StoreError, StoreWriter, create_zarr, describe_mismatch,
-                         fingerprint_mismatch, is_hdf5, open_store, staging_path)
+from cache.core.errors import CaerError
+from cache.hdf5 import export_hdf5, import_hdf5, remove_store
+from cache.fingerprint import describe_mismatch, fingerprint_mismatch
+from cache.layout import ClipRow, is_hdf5, staging_path
+from cache.store import StoreError, open_store
+from cache.lock import StoreLock
+from cache.writer import StoreWriter, create_zarr
 
 CREATING_MARKER = ".caer-kit-creating"
 # zarr's LocalStore writes each key to NAME.<uuid4 hex>.partial and renames it.
@@ -55,6 +60,69 @@ def _hdf5_is_ours(path: Path) -> bool:
             return "caer_kit" in f.attrs
     except OSError:
         return False
+
+
+class WriteSession:
+    """One writer's hold on a store for a whole run: the path proven a store or new, the write
+    lock, the store created or checked and extended, the Zarr store that the clips are written
+    into (a ``.h5`` store's staging store) and, at the end, the ``.h5`` written in one piece::
+
+        with WriteSession(cache, wait=False) as session:  # resolves the path, takes the lock
+            if session.prepare(fingerprint, rows, columns):  # False: nothing left to do
+                writer = session.writer()
+                writer.write_clip(i, result)  # ... every clip
+                writer.close()
+                session.commit()  # .h5: export, then drop the staging store
+        open_store(session.path)
+
+    A run that fails or is killed keeps what it finished (a ``.h5`` run: its staging store),
+    and the next run resumes it; each temporary is removed by the step that made it, or, when
+    positively ours, by the next writer under the lock. Under torchrun every rank opens the
+    session with ``lock=False``; rank 0 calls ``lock`` and ``prepare`` once the process group
+    exists (so that a refusal reaches every rank), every rank writes its share through
+    ``writer``, and rank 0 commits once all have finished.
+    """
+
+    def __init__(self, cache: str | os.PathLike, *, wait: bool = False, lock: bool = True):
+        self.given = cache
+        self.path = resolve_cache(cache)  # before anything is read or written
+        self.staging = staging_path(self.path) if is_hdf5(self.path) else self.path
+        self._lock = StoreLock(self.path, wait=wait)
+        if lock:
+            self.lock()
+
+    def lock(self) -> None:
+        self._lock.acquire()
+
+    def check_writers(self, writers: int) -> None:
+        if writers > 1 and is_hdf5(self.path):
+            raise CaerError(f"--cache {self.given}: HDF5 allows one writer, and this is a "
+                            f"{writers}-process torchrun; use a .zarr cache (convert later if "
+                            f"needed) or run a single process")
+
+    def prepare(self, fingerprint: dict, rows: list[ClipRow], metadata_columns: list[str],
+                **options) -> bool:
+        """``prepare_store`` (its options) under the lock this session holds."""
+        return prepare_store(self.path, fingerprint, rows, metadata_columns, **options)
+
+    def writer(self) -> StoreWriter:
+        return StoreWriter(self.staging)
+
+    def commit(self) -> None:
+        """A ``.h5`` store: write the finished staging store out as the ``.h5``, atomically,
+        then delete it (a Zarr store is already committed clip by clip)."""
+        if self.staging != self.path:
+            export_hdf5(self.staging, self.path)
+            remove_store(self.staging)
+
+    def close(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> "WriteSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def resolve_cache(cache: str | os.PathLike) -> Path:

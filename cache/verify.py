@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cache.store import RESULT_PREFIXES, FeatureStore
+from cache.layout import RESULT_PREFIXES
+from cache.store import FeatureStore
 
 _BLOCK = 32  # clips read at once; a block that fails is read again clip by clip
 

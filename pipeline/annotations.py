@@ -26,7 +26,7 @@ import io
 import os
 from pathlib import Path, PurePosixPath
 
-from cache.store import ClipRow
+from cache.layout import ClipRow
 from cache.core.errors import CaerError
 from cache.core.labels import LabelSet, LabelSetError
 

@@ -1,44 +1,40 @@
 """Stage one: annotation files -> a feature store (``python cli.py extract``).
 
-Worker processes decode, detect and crop one clip each (pipeline/video, faces, crops);
+Worker processes decode, detect and crop one clip each (pipeline/workers.py, prepare.py);
 the main process encodes the crops of many clips in batches with one CLIP image encoder
-and writes each clip when all its features are in. Under torchrun every rank does this for
-its share of the clips, in the same store.
-
-Determinism, which resume and torchrun rely on: every encoder batch holds exactly
-``batch_size`` images (the last one is padded). A CPU matrix multiply can round a row
-differently when the number of rows changes, but not when only its neighbours change, so
-with a fixed batch size a crop's features do not depend on which other clips shared its
-batch, and a clip redone after a kill, or by another rank, is bit-identical.
+(pipeline/encode.py, which says why its features are deterministic) and writes each clip when
+all its features are in. Under torchrun every rank does this for its share of the clips, in
+the same store. The store's life cycle (lock, creation, compatibility, HDF5 staging) is
+cache/lifecycle.py's ``WriteSession``; this module only orchestrates.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import signal
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from cache.lifecycle import prepare_store, resolve_cache
-from cache.lock import StoreLock
-from cache.hdf5 import export_hdf5, remove_store
-from cache.store import (ClipResult, ClipRow, StoreWriter, is_hdf5, make_fingerprint,
-                         open_store, staging_path)
-from pipeline.boxes import BoxFile, load_body_boxes, load_face_boxes
-from cache.core.runtime import resolve_device, resolve_precision
-from cache.core.runtime import Distributed as Dist
-from pipeline.config import CHOICES, ExtractConfig
 from cache.core.errors import CaerError
-from pipeline.prepare import ClipTask, PreparedClip, prepare_clip, warm_worker, worker_init
+from cache.core.runtime import Distributed as Dist
+from cache.core.runtime import resolve_device, resolve_precision
+from cache.fingerprint import make_fingerprint
+from cache.layout import ClipRow
+from cache.lifecycle import WriteSession
+from cache.store import open_store
+from cache.writer import StoreWriter
+from pipeline.boxes import BoxFile, load_body_boxes, load_face_boxes
+from pipeline.config import CHOICES, ExtractConfig
+from pipeline.encode import BatchEncoder, stack_views, to_clip_result
+from pipeline.prepare import ClipTask, PreparedClip, prepare_clip
+from pipeline.workers import run_pool, start_pool
 
 log = logging.getLogger("caer")
 
@@ -97,114 +93,6 @@ def match_boxes(rows: list[ClipRow], face: BoxFile | None, body: BoxFile | None)
     return out
 
 
-# --------------------------------------------------------------------------- encoder side
-
-class BatchEncoder:
-    """Encodes queued crops in batches of exactly ``batch_size`` images, across clips."""
-
-    def __init__(self, clip, batch_size: int, normalize: str, device: str, precision: str):
-        import torch
-
-        self.clip, self.batch_size, self.normalize = clip, batch_size, normalize
-        self.device, self.precision = device, precision
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        self.queue: deque = deque()  # [clip entry, next row to encode]
-        self.queued = 0
-        self.encode_seconds = 0.0
-        self.n_batches = 0
-
-    def add(self, entry: dict) -> None:
-        self.queue.append([entry, 0])
-        self.queued += len(entry["images"])
-
-    def run(self, final: bool = False) -> list[dict]:
-        """Encode full batches (and the padded rest when ``final``); return finished clips."""
-        done = []
-        while self.queued >= self.batch_size or (final and self.queued):
-            done += self._one_batch()
-        return done
-
-    def _one_batch(self) -> list[dict]:
-        import torch
-        from pipeline.crops import to_clip_pixels
-
-        parts, owners, n = [], [], 0
-        for item in self.queue:
-            entry, start = item
-            take = min(len(entry["images"]) - start, self.batch_size - n)
-            parts.append(entry["images"][start:start + take])
-            owners.append((item, start, take))
-            n += take
-            if n == self.batch_size:
-                break
-        images = np.concatenate(parts)
-        if n < self.batch_size:  # the fixed batch size keeps features independent of it
-            pad = np.zeros((self.batch_size - n,) + images.shape[1:], np.uint8)
-            images = np.concatenate([images, pad])
-        t0 = time.perf_counter()
-        pixels = to_clip_pixels(images, self.normalize).to(self.device)
-        with torch.inference_mode(), torch.autocast(self.device.split(":")[0],
-                                                    dtype=self.dtype or torch.float32,
-                                                    enabled=self.dtype is not None):
-            out = self.clip.encode_images(pixels).float().cpu().numpy().astype(np.float16)
-        self.encode_seconds += time.perf_counter() - t0
-        self.n_batches += 1
-        finished, offset = [], 0
-        for item, start, take in owners:
-            entry = item[0]
-            entry["features"][start:start + take] = out[offset:offset + take]
-            offset += take
-            item[1] = start + take
-            self.queued -= take
-        while self.queue and self.queue[0][1] == len(self.queue[0][0]["images"]):
-            finished.append(self.queue.popleft()[0])
-        return finished
-
-
-def _distinct_frames(result: PreparedClip) -> tuple[np.ndarray, np.ndarray]:
-    """(first slot of each distinct kept frame, slot -> its distinct frame): a frame kept in
-    several slots (a short clip, the original's test frame in every candidate) is encoded
-    once. Its crops are the same in every slot, since they depend on the frame alone."""
-    _, first, inverse = np.unique(result.frame_index.reshape(-1), return_index=True,
-                                  return_inverse=True)
-    return first, inverse.reshape(-1)
-
-
-def _stack_views(result: PreparedClip, flip: bool) -> np.ndarray:
-    """uint8 ``[V * F, H, W, 3]``, the F distinct kept frames of each view in the order face,
-    context(, face_flip, context_flip)."""
-    first, _ = _distinct_frames(result)
-    size = result.face.shape[-2]
-    face = result.face.reshape(-1, size, size, 3)[first]
-    context = result.context.reshape(-1, size, size, 3)[first]
-    views = [face, context]
-    if flip:  # flipping the crop equals cropping the flipped frame with the mirrored box
-        views += [face[..., ::-1, :], context[..., ::-1, :]]
-    return np.ascontiguousarray(np.stack(views).reshape(-1, size, size, 3))
-
-
-def _to_clip_result(result: PreparedClip, features: np.ndarray | None, fp: dict) -> ClipResult:
-    if result.status != "ok":
-        return ClipResult("failed", reason=result.reason or "failed")
-    s, k = fp["segments"], fp["candidates"]
-    views = ["face", "context"] + (["face_flip", "context_flip"] if fp["flip"] else [])
-    _, slot_frame = _distinct_frames(result)
-    feats = features.reshape(len(views), -1, features.shape[-1])[:, slot_frame]
-    feats = feats.reshape(len(views), s, k, -1)
-    pixels = {}
-    if fp["pixels"]:
-        pixels = {name: np.ascontiguousarray(crops.transpose(0, 1, 4, 2, 3))
-                  for name, crops in (("face", result.face), ("context", result.context))}
-    return ClipResult("ok", note=result.note, n_frames=result.n_frames, fps=result.fps,
-                      width=result.width, height=result.height,
-                      frame_index=result.frame_index, box=result.box,
-                      score=result.score, found=result.found,
-                      body_box=result.body_box,
-                      features={v: feats[i] for i, v in enumerate(views)}, pixels=pixels)
-
-
-# --------------------------------------------------------------------------- distributed
-
 # --------------------------------------------------------------------------- the run
 
 def run_extract(cfg: ExtractConfig) -> ExtractSummary:
@@ -216,28 +104,18 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
     cfg = cfg.resolved()
     cfg.validate()
     d = Dist.from_env()
-    # Before anything is read or written: a path that is not positively a store is refused.
-    cache = resolve_cache(cfg.cache)
-    # One writer per store, for the whole run. Under torchrun rank 0 takes it once the
+    # One writer per store, for the whole run. Under torchrun rank 0 takes the lock once the
     # process group exists, so that a refusal reaches every rank.
-    lock = StoreLock(cache, wait=cfg.wait)
-    if d.world == 1:
-        lock.acquire()
-    try:
-        return _extract_locked(cfg, d, cache, lock, t_start)
-    finally:
-        lock.release()
+    with WriteSession(cfg.cache, wait=cfg.wait, lock=d.world == 1) as session:
+        return _extract_locked(cfg, d, session, t_start)
 
 
-def _extract_locked(cfg: ExtractConfig, d: Dist, cache: Path, lock: StoreLock,
+def _extract_locked(cfg: ExtractConfig, d: Dist, session: WriteSession,
                     t_start: float) -> ExtractSummary:
     from pipeline.annotations import read_annotations
     from cache.core.labels import load_label_set
 
-    if d.world > 1 and is_hdf5(cache):
-        raise CaerError(f"--cache {cfg.cache}: HDF5 allows one writer, and this is a "
-                        f"{d.world}-process torchrun; use a .zarr cache (convert later if "
-                        f"needed) or run a single process")
+    session.check_writers(d.world)
     labels = load_label_set(cfg.labels)
     roots: dict[str, str] = {}  # clip id -> its root: where its path is looked for
     rows, meta_columns = read_annotations(list(cfg.annotations), labels, list(cfg.split),
@@ -263,7 +141,6 @@ def _extract_locked(cfg: ExtractConfig, d: Dist, cache: Path, lock: StoreLock,
                           face_crop=cfg.face_crop, context=cfg.context,
                           context_resize=cfg.context_resize,
                           body_boxes=_body_source(cfg, body_file))
-    target = staging_path(cache) if is_hdf5(cache) else cache
 
     d.init()
     t_process = t_startup = 0.0
@@ -273,11 +150,11 @@ def _extract_locked(cfg: ExtractConfig, d: Dist, cache: Path, lock: StoreLock,
         if d.rank == 0:
             try:
                 if d.world > 1:
-                    lock.acquire()
-                outcome = prepare_store(cache, fp, rows, meta_columns,
-                                        retry_failed=cfg.retry_failed,
-                                        redo_damaged=cfg.redo_damaged,
-                                        progress=not cfg.quiet)
+                    session.lock()
+                outcome = session.prepare(fp, rows, meta_columns,
+                                          retry_failed=cfg.retry_failed,
+                                          redo_damaged=cfg.redo_damaged,
+                                          progress=not cfg.quiet)
             except Exception as err:  # noqa: BLE001 - the other ranks must hear of it
                 if d.world == 1 and not isinstance(err, CaerError):
                     raise
@@ -290,22 +167,21 @@ def _extract_locked(cfg: ExtractConfig, d: Dist, cache: Path, lock: StoreLock,
         done_all = 0
         if outcome:
             d.barrier()
-            done_all, t_process, t_startup = _run_share(cfg, d, target, clip, encoder, fp,
-                                                        (face_file, body_file), device,
-                                                        precision, roots)
+            done_all, t_process, t_startup = _run_share(cfg, d, session.writer(), clip,
+                                                        encoder, fp, (face_file, body_file),
+                                                        device, precision, roots)
             d.barrier()
-            if d.rank == 0 and is_hdf5(cache):
-                export_hdf5(target, cache)
-                remove_store(target)
+            if d.rank == 0:
+                session.commit()
             d.barrier()
     finally:
         d.close()
 
-    store = open_store(cache)
+    store = open_store(session.path)
     manifest = store.manifest
     store.close()
     failed = manifest[manifest.status == "failed"]
-    boxes = box_lines(cache, face_file, body_file, matched) if d.rank == 0 else []
+    boxes = box_lines(session.path, face_file, body_file, matched) if d.rank == 0 else []
     return ExtractSummary(str(cfg.cache), len(manifest), int((manifest.status == "ok").sum()),
                           len(failed), done_all, time.perf_counter() - t_start,
                           list(zip(failed["id"], failed["reason"]))[:5], t_process,
@@ -331,14 +207,13 @@ def box_lines(cache: Path, face: BoxFile | None, body: BoxFile | None,
     return lines
 
 
-def _run_share(cfg: ExtractConfig, d: Dist, target: Path, clip, encoder: BatchEncoder, fp: dict,
-               box_files: tuple, device: str, precision: str,
+def _run_share(cfg: ExtractConfig, d: Dist, writer: StoreWriter, clip, encoder: BatchEncoder,
+               fp: dict, box_files: tuple, device: str, precision: str,
                roots: dict[str, str]) -> tuple[int, float, float]:
     """This rank's share of the pending clips: returns (clips done by all ranks, seconds
     processing, seconds starting the workers). ``roots`` maps this run's clip ids to their
     root; a pending clip of an earlier run falls back on --root."""
     fallback_root = os.path.abspath(cfg.root) if cfg.root is not None else None
-    writer = StoreWriter(target)
     pending = np.flatnonzero(writer.status == 0)
     mine = pending[d.rank::d.world]
     manifest = writer.manifest
@@ -399,7 +274,7 @@ def _process(pool, tasks: list[ClipTask], encoder: BatchEncoder, writer: StoreWr
 
     def write(result: PreparedClip, features) -> None:
         nonlocal written
-        writer.write_clip(result.index, _to_clip_result(result, features, fp))
+        writer.write_clip(result.index, to_clip_result(result, features, fp))
         written += 1
         bar.update(1)
         if cfg.quiet and show and (written % log_every == 0 or written == len(tasks)):
@@ -412,7 +287,7 @@ def _process(pool, tasks: list[ClipTask], encoder: BatchEncoder, writer: StoreWr
         if result.status != "ok":
             write(result, None)
             return
-        images = _stack_views(result, fp["flip"])
+        images = stack_views(result, fp["flip"])
         encoder.add({"result": result, "images": images,
                      "features": np.empty((len(images), fp["feature_dim"]), np.float16)})
         for entry in encoder.run():
@@ -422,133 +297,11 @@ def _process(pool, tasks: list[ClipTask], encoder: BatchEncoder, writer: StoreWr
         for task in tasks:
             take(prepare_clip(task))
     else:
-        _run_pool(pool, tasks, take, cfg, fp)
+        run_pool(pool, tasks, take, cfg, fp)
     for entry in encoder.run(final=True):
         write(entry["result"], entry["features"])
     bar.close()
     return written
-
-
-class WorkerPool:
-    """The spawned decoding workers, warmed up; ``restart`` replaces a pool a crash broke."""
-
-    def __init__(self, cfg: ExtractConfig, sample_task: ClipTask):
-        self.cfg, self.sample_task, self.executor = cfg, sample_task, None
-        self.restart()
-
-    def restart(self) -> None:
-        """A fresh pool whose workers all started (one retry), else CaerError."""
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, wait
-
-        for _ in range(2):
-            if self.executor is not None:
-                self.executor.shutdown(wait=True, cancel_futures=True)
-            self.executor = ProcessPoolExecutor(
-                self.cfg.workers, mp_context=mp.get_context("spawn"), initializer=worker_init)
-            warm = [self._submit(warm_worker, self.sample_task) for _ in range(self.cfg.workers)]
-            wait(warm)
-            if not any(_died(f) for f in warm):
-                return
-        raise CaerError("extract: the worker processes die while starting (importing PyAV or "
-                        "loading the face detector); run with --workers 0 to see the error")
-
-    def submit(self, task: ClipTask):
-        return self._submit(prepare_clip, task)
-
-    def _submit(self, fn, *args):
-        from concurrent.futures import Future
-        from concurrent.futures.process import BrokenProcessPool
-
-        try:
-            return self.executor.submit(fn, *args)
-        except (BrokenProcessPool, RuntimeError) as err:
-            # The pool broke since the last wait (on Python < 3.12 a submit racing the break
-            # can also say "cannot schedule new futures after shutdown").
-            if not isinstance(err, BrokenProcessPool) and not self.executor._broken:
-                raise
-            future = Future()
-            future.set_exception(BrokenProcessPool(str(err)))
-            future.never_ran = True
-            return future
-
-    def shutdown(self) -> None:
-        self.executor.shutdown(cancel_futures=True)
-
-
-def start_pool(cfg: ExtractConfig, sample_task: ClipTask | None) -> WorkerPool | None:
-    """The worker pool, warmed up (None with --workers 0: the main process decodes)."""
-    if sample_task is None:
-        return None
-    if cfg.workers == 0:
-        warm_worker(sample_task, hold=0.0)
-        return None
-    return WorkerPool(cfg, sample_task)
-
-
-def _run_pool(pool: WorkerPool, tasks, take, cfg: ExtractConfig, fp: dict) -> None:
-    from concurrent.futures import FIRST_COMPLETED, wait
-
-    images_per_clip = (4 if fp["flip"] else 2) * fp["segments"] * fp["candidates"]
-    # Enough clips in flight to keep every worker busy and fill a batch; no more, so memory
-    # stays flat however many clips there are.
-    limit = 2 * cfg.workers + math.ceil(cfg.batch_size / images_per_clip)
-    todo = iter(tasks)
-    running = {}  # future -> task
-    for task in todo:
-        running[pool.submit(task)] = task
-        if len(running) >= limit:
-            break
-    while running:
-        finished, _ = wait(running, return_when=FIRST_COMPLETED)
-        suspects = []
-        if any(_died(f) for f in finished):
-            # A worker died and the pool broke: every clip in flight fails with it. (A future
-            # that a racing break left unresolved counts as failed too.)
-            finished, lost = wait(running, timeout=60)
-            suspects = [running[f] for f in finished if _died(f)] + [running[f] for f in lost]
-            finished |= lost
-        for future in sorted((f for f in finished if f.done() and not _died(f)),
-                             key=lambda f: f.result().index):
-            take(future.result())
-        running = {f: t for f, t in running.items() if f not in finished}
-        if suspects:
-            _isolate_crash(pool, suspects, take)
-        for task in todo:
-            running[pool.submit(task)] = task
-            if len(running) >= limit:
-                break
-
-
-def _died(future) -> bool:
-    from concurrent.futures.process import BrokenProcessPool
-
-    return future.done() and isinstance(future.exception(), BrokenProcessPool)
-
-
-def _isolate_crash(pool: WorkerPool, suspects: list[ClipTask], take) -> None:
-    """A worker died in native code (FFmpeg, MediaPipe) with these clips in flight: retry each
-    alone in a pool whose workers are alive, so that only a clip that kills a worker by itself
-    is recorded as failed."""
-    log.warning("extract: a worker process died with %d clip(s) in flight; retrying each alone",
-                len(suspects))
-    pool.restart()
-    for task in sorted(suspects, key=lambda t: t.index):
-        future = pool.submit(task)
-        if getattr(future, "never_ran", False):  # the pool broke between clips: not this one's
-            pool.restart()
-            future = pool.submit(task)
-        future.exception()  # wait for it
-        if not _died(future):
-            take(future.result())
-            continue
-        if getattr(future, "never_ran", False):
-            raise CaerError("extract: the worker processes keep dying between clips; run with "
-                            "--workers 0 to see the error")
-        take(PreparedClip.failed(task.index, "the worker process died on this clip (a crash in "
-                                 "native code: FFmpeg or MediaPipe); retried alone, it died "
-                                 "again"))
-        pool.restart()
 
 
 def summary_lines(s: ExtractSummary) -> list[str]:

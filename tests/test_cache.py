@@ -7,7 +7,9 @@ import pytest
 
 from cache import (StoreError, build_store_from_arrays, fingerprint_mismatch, make_fingerprint,
                    open_store)
-from cache.store import ClipResult, ClipRow, StoreWriter, create_zarr, describe_mismatch
+from cache.fingerprint import describe_mismatch
+from cache.layout import ClipResult, ClipRow
+from cache.writer import StoreWriter, create_zarr
 from cache.core.labels import CAER7, RAER5
 
 

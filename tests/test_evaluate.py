@@ -17,7 +17,9 @@ from click.testing import CliRunner
 from sklearn.metrics import accuracy_score, confusion_matrix, recall_score
 
 import cli
-from cache.store import ClipResult, ClipRow, StoreWriter, create_zarr, make_fingerprint
+from cache.fingerprint import make_fingerprint
+from cache.layout import ClipResult, ClipRow
+from cache.writer import StoreWriter, create_zarr
 from heads.evaluate import EvaluateConfig, evaluate
 from heads.metrics import REPORT_KEYS
 from heads.model import CaerModel, HeadConfig

@@ -295,7 +295,7 @@ import cli  # noqa: F401
 
 if __name__ == "__main__":
     from pipeline.config import ExtractConfig
-    from pipeline.extract import start_pool
+    from pipeline.workers import start_pool
     from pipeline.prepare import ClipTask
 
     task = ClipTask(**json.loads({json.dumps(json.dumps(task))}))
@@ -454,7 +454,7 @@ def test_precomputed_face_boxes_in_the_original_layout(dataset, tiny_clip_dir, t
 
 def test_hdf5_resumes_from_its_staging_store_and_appends(dataset, tiny_clip_dir, reference,
                                                          tmp_path):
-    from cache.store import StoreWriter
+    from cache.writer import StoreWriter
 
     cache = tmp_path / "few.h5"
     staging = Path(str(cache) + ".staging.zarr")

@@ -4,7 +4,9 @@
     drivers (heads.DRIVERS)    use both stages: predict, explain, the demo
     stage two: heads/          training and evaluation: never decoding code, never a driver
     stage one: pipeline/       never heads/
-    cache/                     never pipeline/ or heads/
+    cache/                     never pipeline/ or heads/; its life cycle (lock, HDF5 staging,
+                               creating and extending) is reached from outside only through
+                               cache.lifecycle.WriteSession
     ground floor: cache/core/  nothing of caer-kit outside itself
 """
 
@@ -21,7 +23,10 @@ DRIVERS = {"heads.predict", "heads.explain", "heads.explain_inputs", "heads.demo
 # Stage one's decoding: clips, frames, faces, persons, crops, the worker, extract itself.
 DECODING = ("pipeline.video", "pipeline.faces", "pipeline.persons", "pipeline.crops",
             "pipeline.prepare", "pipeline.original", "pipeline.boxes", "pipeline.annotations",
-            "pipeline.extract", "pipeline.datasets")
+            "pipeline.extract", "pipeline.workers", "pipeline.encode", "pipeline.datasets")
+# What a writer outside cache/ may use of a store's life cycle: the session alone.
+LIFE_CYCLE = ("cache.lifecycle", "cache.lock", "cache.hdf5")
+WRITER_API = {"WriteSession"}
 
 
 def module_name(path: Path) -> str:
@@ -61,6 +66,10 @@ def broken_rules(source: str, target: str, names: tuple) -> list[str]:
         wrong.append("the ground floor imports nothing of caer-kit outside cache.core")
     if within(source, "cache") and within(target, "pipeline", "heads"):
         wrong.append("cache/ imports nothing from pipeline/ or heads/")
+    if (not within(source, "cache") and target in LIFE_CYCLE
+            and (target != "cache.lifecycle" or not WRITER_API >= set(names))):
+        wrong.append("a store's life cycle is cache/'s: outside it, use cache.lifecycle."
+                     "WriteSession")
     if within(source, "pipeline") and within(target, "heads"):
         wrong.append("stage one imports nothing from stage two")
     if within(source, "heads") and source not in DRIVERS:
@@ -87,8 +96,9 @@ def test_every_import_points_the_allowed_way():
 
 def test_every_module_is_read():
     names = {module_name(p) for p in sources()}
-    assert {"cli", "cache.core.errors", "cache.store", "pipeline.extract", "heads.train",
-            "benchmarks.run"} <= names and len(names) > 60
+    assert {"cli", "cache.core.errors", "cache.store", "cache.layout", "cache.writer",
+            "cache.fingerprint", "pipeline.extract", "pipeline.workers", "pipeline.encode",
+            "heads.train", "benchmarks.run"} <= names and len(names) > 60
 
 
 @pytest.mark.parametrize("source, target, names", [
@@ -98,6 +108,9 @@ def test_every_module_is_read():
     ("heads.evaluate", "heads.predict", ()),
     ("benchmarks.bench_head", "heads.step", ("_private",)),
     ("cache.core.labels", "cache.store", ()),
+    ("pipeline.extract", "cache.hdf5", ("export_hdf5",)),
+    ("pipeline.extract", "cache.lifecycle", ("WriteSession", "prepare_store")),
+    ("cli", "cache.lock", ("StoreLock",)),
 ])
 def test_the_rules_catch_each_kind_of_wrong_edge(source, target, names):
     assert broken_rules(source, target, names)
@@ -108,3 +121,5 @@ def test_allowed_edges_pass():
                            ("pipeline.extract", "cache.store"), ("cli", "heads.train"),
                            ("heads.model", "cache.core.labels"), ("cache.store", "cache.core")]:
         assert not broken_rules(source, target, ()), (source, target)
+    assert not broken_rules("pipeline.extract", "cache.lifecycle", ("WriteSession",))
+    assert not broken_rules("cache.build", "cache.hdf5", ("export_hdf5",))

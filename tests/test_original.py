@@ -25,7 +25,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from cache.store import open_store
+from cache import open_store
 from pipeline.config import ExtractConfig
 from pipeline.extract import run_extract
 
@@ -410,7 +410,7 @@ def test_a_frame_kept_in_several_slots_is_encoded_once_into_each(raer, preset_st
 def test_each_slot_gets_the_features_of_its_own_frame():
     """The copy from distinct frames back to slots, with an encoder whose output tells every
     crop apart (random:tiny's barely varies with the image)."""
-    from pipeline.extract import _stack_views, _to_clip_result
+    from pipeline.encode import stack_views, to_clip_result
     from pipeline.prepare import PreparedClip
 
     s, k, size = 4, 3, 8
@@ -422,11 +422,11 @@ def test_each_slot_gets_the_features_of_its_own_frame():
         found=np.zeros((s, k), bool), body_box=None,
         face=np.stack([np.stack([frames[n] for n in row]) for row in index]),
         context=np.stack([np.stack([255 - frames[n] for n in row]) for row in index]))
-    images = _stack_views(result, flip=True)
+    images = stack_views(result, flip=True)
     assert len(images) == 4 * len(np.unique(index))  # each distinct frame once per view
     features = images.reshape(len(images), -1)[:, :5].astype(np.float16)  # the pixels
     fp = {"segments": s, "candidates": k, "flip": True, "pixels": False}
-    out = _to_clip_result(result, features, fp)
+    out = to_clip_result(result, features, fp)
     for si in range(s):
         for ki in range(k):
             n = index[si, ki]
@@ -436,7 +436,7 @@ def test_each_slot_gets_the_features_of_its_own_frame():
 
 
 def test_an_official_run_asks_for_a_preset_original_cache(tmp_path):
-    from cache.store import fingerprint_mismatch, make_fingerprint
+    from cache.fingerprint import fingerprint_mismatch, make_fingerprint
     from cli import main
     from heads.evaluate import extract_command, required_fingerprint
     from pipeline.config import PRESETS

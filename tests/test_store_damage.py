@@ -13,7 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from cache import open_store
-from cache.store import StoreDamaged, StoreWriter
+from cache.store import StoreDamaged
+from cache.writer import StoreWriter
 from cache.verify import verify_store
 from test_train import make_store
 

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from cache import build_store_from_arrays, open_store
-from cache.store import ClipResult
+from cache.layout import ClipResult
 from heads.data import FeatureBank, split_clips
 from heads.evaluate import predict_cache
 from heads.train import TrainConfig, train_head
