@@ -19,7 +19,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from cache.core import __version__  # noqa: E402
 from cache.core.errors import CaerError  # noqa: E402
-from pipeline.config import ExtractConfig  # noqa: E402
+# The configs and the option builder import no torch: `--help` and extract's spawned workers,
+# which re-import this module, stay small.
+from heads.config import (ABLATE_SETS, AblateConfig, DemoConfig, EvaluateConfig,  # noqa: E402
+                          ExplainConfig, FinetuneConfig, ImportOfficialConfig, PredictConfig,
+                          TrainConfig)
+from pipeline.command_options import config_options  # noqa: E402
+from pipeline.config import ExtractConfig, IndexConfig, InfoConfig, LabelsConfig  # noqa: E402
 
 
 class CaerGroup(click.Group):
@@ -56,61 +62,8 @@ def main(verbose: bool):
                         format="%(levelname)s: %(message)s")
 
 
-def _dataclass_options(config_class, required=("cache", "out"), exclude=()):
-    """Click options from a config dataclass: one --flag per field, with the field's default
-    and its metadata's help, metavar and choices. Booleans are flags; tuple[str, ...] fields
-    repeat (--annotations A --annotations B); tuple[int, ...] fields take 10,15. A field
-    whose metadata says argument=True is a positional argument instead. Fields in ``exclude``
-    or with ``cli: False`` metadata get no flag."""
-    import dataclasses
-    import typing
-
-    hints = typing.get_type_hints(config_class)
-
-    def parse_ints(ctx, param, value):
-        if value is None or isinstance(value, tuple):
-            return value
-        try:
-            return tuple(int(v) for v in str(value).split(",") if v.strip())
-        except ValueError:
-            raise CaerError(f"--{param.name.replace('_', '-')} {value}: expected integers "
-                            f"separated by commas, e.g. 10,15") from None
-
-    def decorate(command):
-        for f in reversed(dataclasses.fields(config_class)):
-            if f.name in exclude or f.metadata.get("cli", True) is False:
-                continue
-            flag, meta = "--" + f.name.replace("_", "-"), f.metadata
-            hint, default, needed = hints[f.name], f.default, f.name in required
-            common = dict(help=meta.get("help", ""), metavar=meta.get("metavar"))
-            if meta.get("argument"):  # positional; click arguments take no help text
-                kind = click.Choice(meta["choices"]) if "choices" in meta else None
-                many = typing.get_origin(hint) is tuple  # PATHS...: one or more
-                option = click.argument(f.name, type=kind, required=needed,
-                                        nargs=-1 if many else 1,
-                                        default=None if needed or many else default,
-                                        metavar=meta.get("metavar") or f.name.upper())
-            elif hint is bool:
-                option = click.option(flag, f.name, is_flag=True, default=default,
-                                      help=common["help"])
-            elif typing.get_origin(hint) is tuple and typing.get_args(hint)[0] is str:
-                option = click.option(flag, f.name, multiple=True, required=needed, **common)
-            elif typing.get_origin(hint) is tuple:
-                option = click.option(flag, f.name, default=",".join(map(str, default)),
-                                      callback=parse_ints, show_default=True, **common)
-            else:
-                base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-                kind = click.Choice(meta["choices"]) if "choices" in meta else base[0]
-                shown = default not in (None, "") and not needed
-                option = click.option(flag, f.name, type=kind, default=default, required=needed,
-                                      show_default=shown, **common)
-            command = option(command)
-        return command
-    return decorate
-
-
 @main.command()
-@_dataclass_options(ExtractConfig, required=("annotations",))
+@config_options(ExtractConfig, required=("annotations",))
 def extract(**options):
     """Decode clips, find faces, and write CLIP features of face and context to a cache.
 
@@ -158,13 +111,8 @@ def extract(**options):
 
 
 @main.command()
-@click.argument("cache", type=click.Path(exists=False))
-@click.option("--json", "as_json", is_flag=True, help="Everything as one JSON object on stdout.")
-@click.option("--all", "show_all", is_flag=True, help="List every clip, not only the lowest "
-              "face rates and the failures.")
-@click.option("--verify", is_flag=True, help="Read every chunk back first and list each clip "
-              "whose chunks are missing or damaged (exit status 2 if any).")
-def info(cache, as_json, show_all, verify):
+@config_options(InfoConfig, required=("cache",))
+def info(**options):
     """Summarise a cache: counts, failures with reasons, face-detection rate, fingerprint.
 
     \b
@@ -179,7 +127,9 @@ def info(cache, as_json, show_all, verify):
 
     from cache.info import info_text, store_info, verify_text
 
-    if verify:
+    cfg = InfoConfig(**options)
+    cache, as_json = cfg.cache, cfg.json
+    if cfg.verify:
         from cache import open_store
         from cache.verify import verify_store
 
@@ -198,18 +148,11 @@ def info(cache, as_json, show_all, verify):
     if as_json:
         click.echo(json.dumps(data, indent=1))
     else:
-        click.echo(info_text(data, show_all=show_all))
-
-
-def _heads_options(config_class, required=("cache", "out")):
-    """The options of a config class in heads/config.py (imported when the CLI builds them)."""
-    from heads import config
-
-    return _dataclass_options(getattr(config, config_class), required=required)
+        click.echo(info_text(data, show_all=cfg.all))
 
 
 @main.command("train-head")
-@_heads_options("TrainConfig")
+@config_options(TrainConfig)
 def train_head(**options):
     """Train the temporal encoders, fusion layer and prompts on cached features only.
 
@@ -226,13 +169,13 @@ def train_head(**options):
       python cli.py train-head --cache raer.zarr --out runs/seeds --seeds 42,43,44
       python cli.py train-head --cache raer.zarr --out runs/head --resume
     """
-    from heads.train import TrainConfig, train_head as run_train_head
+    from heads.train import train_head as run_train_head
 
     run_train_head(TrainConfig(**options))
 
 
 @main.command()
-@_heads_options("FinetuneConfig")
+@config_options(FinetuneConfig)
 def finetune(**options):
     """Train end to end with the image encoder unfrozen at lr 1e-5.
 
@@ -254,22 +197,16 @@ def finetune(**options):
       python cli.py finetune --cache raer.zarr --init runs/head --out runs/ft2
       torchrun --nproc-per-node 4 cli.py finetune --cache raer.zarr --init none --out runs/ft
     """
-    from heads.train import FinetuneConfig, finetune as run_finetune
+    from heads.train import finetune as run_finetune
 
     run_finetune(FinetuneConfig(**options))
 
 
 # ---------------------------------------------------------------- ablate, explain (issue 15)
 
-def _ablate_options(command):
-    from heads.config import ABLATE_SETS, AblateConfig, TrainConfig
-
-    command = _dataclass_options(TrainConfig, required=(), exclude=ABLATE_SETS)(command)
-    return _dataclass_options(AblateConfig)(command)
-
-
 @main.command()
-@_ablate_options
+@config_options(AblateConfig)
+@config_options(TrainConfig, required=(), exclude=ABLATE_SETS)  # passed through to each run
 def ablate(**options):
     """A grid of train-head runs over one cache, scored on test, with baselines and a summary.
 
@@ -296,7 +233,6 @@ def ablate(**options):
     import dataclasses
 
     from heads.ablate import run_ablate
-    from heads.config import AblateConfig, TrainConfig
 
     own = {f.name for f in dataclasses.fields(AblateConfig)}
     train = TrainConfig(**{k: v for k, v in options.items() if k not in own})
@@ -306,16 +242,9 @@ def ablate(**options):
         str(path) for path in summary["files"].values()))
 
 
-def _explain_options(command):
-    from heads.config import ExplainConfig
-
-    return _dataclass_options(ExplainConfig, required=("run", "out"))(command)
-
-
 @main.command()
-@click.argument("paths", nargs=-1, type=click.Path())
-@_explain_options
-def explain(paths, **options):
+@config_options(ExplainConfig, required=("run", "out"))
+def explain(**options):
     """Grad-CAM maps and temporal attention of a run for some clips (the paper's Fig. 9).
 
     \b
@@ -332,15 +261,14 @@ def explain(paths, **options):
       python cli.py explain --run runs/head --cache raer.zarr --split test --limit 8 --out cams/
       python cli.py explain --run runs/head clip1.mp4 --out cams/ --target Distraction
     """
-    from heads.config import ExplainConfig
     from heads.explain import explain as run_explain
 
-    result = run_explain(ExplainConfig(**options, paths=tuple(paths)))
+    result = run_explain(ExplainConfig(**options))
     click.echo(f"explained {len(result['clips'])} clips -> {result['out']}/index.html")
 
 
 @main.command()
-@_heads_options("EvaluateConfig", required=("run", "cache"))
+@config_options(EvaluateConfig, required=("run", "cache"))
 def evaluate(**options):
     """UAR, WAR, per-class recall/precision/F1 and the confusion matrix of a run on a cache.
 
@@ -356,7 +284,6 @@ def evaluate(**options):
     """
     import json
 
-    from heads.config import EvaluateConfig
     from heads.evaluate import evaluate as run_evaluation, format_evaluation
 
     cfg = EvaluateConfig(**options)
@@ -368,7 +295,7 @@ def evaluate(**options):
 
 
 @main.command()
-@_heads_options("PredictConfig", required=("run", "paths"))
+@config_options(PredictConfig, required=("run", "paths"))
 def predict(**options):
     """Label new clips (video files or frame folders) straight from disk with a trained run.
 
@@ -384,7 +311,6 @@ def predict(**options):
     """
     import json
 
-    from heads.config import PredictConfig
     from heads.predict import format_predictions, predict as run_predict
 
     cfg = PredictConfig(**options)
@@ -397,7 +323,7 @@ def predict(**options):
 
 
 @main.command("import-official")
-@_heads_options("ImportOfficialConfig", required=("checkpoint", "out"))
+@config_options(ImportOfficialConfig, required=("checkpoint", "out"))
 def import_official(**options):
     """Convert a checkpoint of the original CLIP-CAER release into a caer-kit run.
 
@@ -415,7 +341,6 @@ def import_official(**options):
           --body-boxes body_detection_result.json --cache raer-official.zarr
       python cli.py evaluate --run runs/official --cache raer-official.zarr --split test
     """
-    from heads.config import ImportOfficialConfig
     from heads.official import import_official as run_import
 
     cfg = ImportOfficialConfig(**options)
@@ -424,7 +349,7 @@ def import_official(**options):
 
 
 @main.command()
-@_heads_options("DemoConfig", required=())
+@config_options(DemoConfig, required=())
 def demo(**options):
     """Build a small offline dataset, then extract, train-head and evaluate it (minutes).
 
@@ -437,7 +362,6 @@ def demo(**options):
     Example:
       python cli.py demo --out demo_out
     """
-    from heads.config import DemoConfig
     from heads.demo import run_demo
 
     run_demo(DemoConfig(**options))
@@ -445,14 +369,8 @@ def demo(**options):
 
 # ------------------------------------------------------------------------------ index, labels
 
-def _index_config(name):
-    from pipeline import config
-
-    return getattr(config, name)
-
-
 @main.command("index")
-@_dataclass_options(_index_config("IndexConfig"), required=("layout", "root", "out"))
+@config_options(IndexConfig, required=("layout", "root", "out"))
 def index(**options):
     """Write the annotation CSV `extract` reads from a dataset folder as published.
 
@@ -483,7 +401,6 @@ def index(**options):
       python cli.py index dfew DFEW/ --out dfew-1.csv --fold 1
       python cli.py index folders my_clips/ --out mine.csv --split-from none
     """
-    from pipeline.config import IndexConfig
     from pipeline.datasets import index_dataset, report_lines, skipped_lines
 
     result = index_dataset(IndexConfig(**options))
@@ -494,7 +411,7 @@ def index(**options):
 
 
 @main.command("labels")
-@_dataclass_options(_index_config("LabelsConfig"), required=())
+@config_options(LabelsConfig, required=())
 def labels(**options):
     """List the built-in label sets: classes in order (label index 0, 1, ...) and descriptors.
 
@@ -508,7 +425,6 @@ def labels(**options):
     """
     import json
 
-    from pipeline.config import LabelsConfig
     from cache.core.labels import ABOUT, BUILTIN, LabelSetError, format_label_set
 
     cfg = LabelsConfig(**options)

@@ -370,4 +370,6 @@ class ExplainConfig:
     target: str | None = field(default=None, metadata={
         "metavar": "CLASS", "help": "Explain this class's logit [default: the predicted class]."})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:1, ..."})
-    paths: tuple[str, ...] = field(default=(), metadata={"cli": False})
+    paths: tuple[str, ...] = field(default=(), metadata={
+        "help": "Video files or folders of frames to explain (instead of --cache's clips).",
+        "argument": True, "path": True, "metavar": "[PATHS]..."})

@@ -241,3 +241,19 @@ class LabelsConfig:
 
 def _flag(f) -> str:
     return "--" + f.name.replace("_", "-") if not f.metadata.get("argument") else f.name.upper()
+
+
+# ------------------------------------------------------------------------------------- info
+# (issue 13) Declared here, not in cache/ (which imports nothing from pipeline/): cache/info.py
+# reads the store, this says what `info` is asked for.
+
+@dataclass
+class InfoConfig:
+    """``info CACHE``: a summary of a cache, optionally after reading every chunk back."""
+
+    cache: str = _option("", "Cache from extract (.zarr or .h5).", argument=True, path=True)
+    json: bool = _option(False, "Everything as one JSON object on stdout.")
+    all: bool = _option(False, "List every clip, not only the lowest face rates and the "
+                               "failures.")
+    verify: bool = _option(False, "Read every chunk back first and list each clip whose chunks "
+                                  "are missing or damaged (exit status 2 if any).")
