@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -101,14 +100,7 @@ def run_directory(out: str | Path, point: GridPoint, seed: int) -> Path:
 def check_ablate(config: AblateConfig) -> tuple[list[GridPoint], list[str]]:
     """Every refusal before anything is read or written: the grid, the baselines, every
     run's train-head options (train-head's own checks), --out."""
-
-    if not config.cache:
-        raise CaerError("--cache is required")
-    if not config.out:
-        raise CaerError("--out is required")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise CaerError("ablate runs its train-head runs one after another in one process; "
-                        "start it without torchrun")
+    config.validate()
     points = grid_points(config)
     baselines = baselines_of(config)
     if not config.seeds or len(set(config.seeds)) != len(config.seeds):

@@ -351,6 +351,16 @@ class AblateConfig:
         "metavar": "LIST", "help": "zero-shot, linear-probe (comma-separated), or none."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"cli": False})
 
+    def validate(self) -> None:
+        """The checks that need no parsing of the grid (heads/ablate.py's check_ablate parses
+        it and checks every run's train-head options)."""
+        from cache.core.errors import CaerError
+
+        _require(cache=self.cache, out=self.out)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise CaerError("ablate runs its train-head runs one after another in one process; "
+                            "start it without torchrun")
+
 
 @dataclass
 class ExplainConfig:
@@ -373,3 +383,22 @@ class ExplainConfig:
     paths: tuple[str, ...] = field(default=(), metadata={
         "help": "Video files or folders of frames to explain (instead of --cache's clips).",
         "argument": True, "path": True, "metavar": "[PATHS]..."})
+
+    def validate(self) -> None:
+        """Raise CaerError (exit 2) on options that cannot work together, before anything is
+        read (--target and --out are checked against the run and the disk by explain)."""
+        from cache.core.errors import CaerError
+
+        _require(run=self.run, out=self.out)
+        if bool(self.cache) == bool(self.paths):
+            raise CaerError("give either --cache (with --ids or --split) or clip paths, not both"
+                            if self.cache else "nothing to explain: give --cache CACHE with --ids "
+                            "or --split, or clip paths (video files, frame folders)")
+        if self.cache and bool(self.ids) == bool(self.split):
+            raise CaerError("with --cache give either --ids or --split")
+        if (self.ids or self.split or self.limit is not None) and not self.cache:
+            raise CaerError("--ids, --split and --limit select clips of --cache")
+        if self.limit is not None and self.limit < 1:
+            raise CaerError("--limit must be at least 1")
+        if self.limit is not None and not self.split:
+            raise CaerError("--limit goes with --split")

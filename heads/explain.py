@@ -155,22 +155,9 @@ def explain_clip(model, face: np.ndarray | None, context: np.ndarray | None,
 # ------------------------------------------------------------------------------ the command
 
 def check_explain(cfg: ExplainConfig, classes: list[str] | None = None) -> None:
-    if not cfg.run:
-        raise CaerError("--run is required")
-    if not cfg.out:
-        raise CaerError("--out is required")
-    if bool(cfg.cache) == bool(cfg.paths):
-        raise CaerError("give either --cache (with --ids or --split) or clip paths, not both"
-                        if cfg.cache else "nothing to explain: give --cache CACHE with --ids "
-                        "or --split, or clip paths (video files, frame folders)")
-    if cfg.cache and bool(cfg.ids) == bool(cfg.split):
-        raise CaerError("with --cache give either --ids or --split")
-    if (cfg.ids or cfg.split or cfg.limit is not None) and not cfg.cache:
-        raise CaerError("--ids, --split and --limit select clips of --cache")
-    if cfg.limit is not None and cfg.limit < 1:
-        raise CaerError("--limit must be at least 1")
-    if cfg.limit is not None and not cfg.split:
-        raise CaerError("--limit goes with --split")
+    """The options (the config's own checks), then --target against the run's classes and
+    --out on disk."""
+    cfg.validate()
     if classes is not None and cfg.target is not None and cfg.target not in classes:
         raise CaerError(f"--target {cfg.target}: not a class of the run ({', '.join(classes)})")
     out = Path(cfg.out)

@@ -59,10 +59,12 @@ def test_a_commands_options_are_its_configs_fields_with_their_defaults(name):
 
 
 def test_library_functions_check_their_config(tmp_path):
+    from heads.ablate import run_ablate
+    from heads.demo import run_demo
     from heads.evaluate import evaluate
+    from heads.explain import explain
     from heads.official import import_official
     from heads.predict import predict
-    from heads.demo import run_demo
 
     with pytest.raises(CaerError, match="--run is required"):
         evaluate(EvaluateConfig(cache="c.zarr"))
@@ -74,6 +76,13 @@ def test_library_functions_check_their_config(tmp_path):
         predict(PredictConfig(run="r"))
     with pytest.raises(CaerError, match="--out is required"):
         import_official(ImportOfficialConfig(checkpoint="model.pth"))
+    with pytest.raises(CaerError, match="--out is required"):
+        explain(ExplainConfig(run="r", paths=("clip.mp4",)))
+    with pytest.raises(CaerError, match="--limit goes with --split"):
+        explain(ExplainConfig(run="r", out=str(tmp_path / "cams"), cache="c.zarr", ids=("a",),
+                              limit=2))
+    with pytest.raises(CaerError, match="--cache is required"):
+        run_ablate(AblateConfig(out=str(tmp_path / "ablate")))
     with pytest.raises(CaerError, match="--clips-per-class must be at least 8"):
         run_demo(DemoConfig(out=str(tmp_path / "demo"), clips_per_class=3))
-    assert not (tmp_path / "demo").exists()  # refused before anything was written
+    assert not any(tmp_path.iterdir())  # each refused before anything was written
