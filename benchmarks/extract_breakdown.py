@@ -2,19 +2,29 @@
 
 Each stage runs alone, in this process, on one RAER-like clip with extract's default options
 (16 segments, K=1, no flip, BlazeFace full range, squash face crops, batch 64, --precision
-auto), through the pipeline's public functions:
+auto), through the pipeline's public functions, as a worker runs them now:
 
-  probe       pipeline.video.probe_clip
-  decode      JPEG: PIL decoding to YCbCr (the image's own colour space), EXIF transpose;
+  probe       pipeline.video.probe_clip (one pass: demux, the first frame decoded on the way)
+  decode      JPEG: read_frames(images=True), PIL decoding (libjpeg converts to RGB as it
+              decodes: no colour stage of its own), EXIF transpose, one crops.Frame each;
               H.264: PyAV decoding straight through to the last kept frame
-  colour      JPEG: YCbCr -> RGB; H.264: frame.to_ndarray("rgb24") (swscale), kept frames only
-  detection   pipeline.faces.FaceDetector.detect, once per kept frame
-  face crop   pipeline.crops.face_crop (the box grown by 20 px, bicubic to 224x224)
-  letterbox   pipeline.crops.letterbox (the whole frame to 224x224)
+  colour      JPEG: 0 (inside decode); H.264: frame.to_ndarray("rgb24") (swscale), kept
+              frames only
+  detection   FaceDetector.detect on each kept frame's array (Frame.array: for a JPEG that
+              is where the frame first becomes an array)
+  face crop   pipeline.crops.face_crop of the Frame (box grown by 20 px, bicubic to 224x224;
+              without a face the whole frame, whose horizontal pass the letterbox then reuses)
+  letterbox   pipeline.crops.letterbox of the same Frame (the whole frame to 224x224)
   queueing    the worker's result (4.8 MB of crops) sent to another process over a real pipe
               and back, halved: pickling, the copy through the kernel, unpickling
   encoding    pipeline.encode.BatchEncoder, batches of 64 = two clips' 32 crops, per clip
   writing     cache.StoreWriter.write_clip of the clip's features into a fresh store
+
+The same run times the code before issue 17's CPU-side change (caer-kit fa81252) on the same
+clip, stage by stage ("before" below): the probe opening the file twice (a copy of that code
+is kept here as the reference), JPEG frames converted and copied to arrays
+(read_frames(images=False)), and the crops cut from those arrays, each handed to PIL again.
+Both give the same bytes (tests/test_crops.py, tests/test_video.py).
 
 "decode + colour" is checked against pipeline.video.read_frames, and the CPU stages against
 pipeline.prepare.prepare_clip (what a worker runs), both timed whole. Medians of --repeats.
@@ -72,22 +82,16 @@ def h264_clip(path: Path, frames: int = 75, size=(1080, 1920)) -> Path:
 
 
 def _decode_split(path: Path, info, wanted: list[int]) -> tuple[float, float, dict]:
-    """(decode s, colour s, {number: rgb}) of the kept frames."""
-    if info.kind == "frames":
-        from PIL import Image, ImageOps
+    """(decode s, colour s, {number: Frame}) of the kept frames, as a worker reads them."""
+    from pipeline.crops import Frame
 
-        decode = colour = 0.0
-        out = {}
-        for i in wanted:
-            t0 = time.perf_counter()
-            with Image.open(path / info.files[i]) as img:
-                img.draft("YCbCr", img.size)  # decode without libjpeg's colour conversion
-                img = ImageOps.exif_transpose(img)
-                img.load()
-            t1 = time.perf_counter()
-            out[i] = np.asarray(img.convert("RGB"))
-            decode, colour = decode + t1 - t0, colour + time.perf_counter() - t1
-        return decode, colour, out
+    if info.kind == "frames":
+        from pipeline.video import read_frames
+
+        t0 = time.perf_counter()
+        images = read_frames(path, wanted, info, images=True)
+        out = {n: Frame(image) for n, image in images.items()}
+        return time.perf_counter() - t0, 0.0, out
     import av
 
     decode = colour = 0.0
@@ -100,9 +104,29 @@ def _decode_split(path: Path, info, wanted: list[int]) -> tuple[float, float, di
             t1 = time.perf_counter()
             decode += t1 - t0
             if number in wanted_set:
-                out[number] = frame.to_ndarray(format="rgb24")
+                out[number] = Frame(frame.to_ndarray(format="rgb24"))
                 colour += time.perf_counter() - t1
     return decode, colour, out
+
+
+def probe_before(path: Path):
+    """The probe of caer-kit fa81252, kept as the reference "before": it demuxed every
+    packet, then opened the file afresh to decode its first frame for the size and rotation."""
+    import av
+
+    from pipeline.video import ClipError, _rotation, choose_stream
+
+    container = av.open(str(path))
+    stream = choose_stream(container.streams.video)
+    with container:
+        pts = [p.pts for p in container.demux(stream) if p.size and not p.is_discard]
+    container = av.open(str(path))
+    stream = choose_stream(container.streams.video)
+    with container:
+        first = next(iter(container.decode(stream)), None)
+    if not pts or first is None:
+        raise ClipError("no decodable frame")
+    return len(pts), first.width, first.height, _rotation(first)
 
 
 def _echo(conn) -> None:
@@ -159,29 +183,57 @@ def stages(clip_path: Path, *, clip_spec: str, precision: str, repeats: int) -> 
         t0 = time.perf_counter()
         info = probe_clip(clip_path)
         record("probe", time.perf_counter() - t0)
+        if info.kind == "video":
+            t0 = time.perf_counter()
+            probe_before(Path(clip_path))
+            record("before: probe", time.perf_counter() - t0)
+        else:
+            record("before: probe", times["probe"][-1])  # unchanged for a folder
         indices = sample_indices(info.n_frames, cfg.segments, cfg.candidates)
         wanted = sorted({int(i) for i in indices.reshape(-1)})
         decode, colour, frames = _decode_split(Path(clip_path), info, wanted)
         record("decode", decode)
         record("colour", colour)
         t0 = time.perf_counter()
-        read_frames(clip_path, indices, info)
+        arrays = read_frames(clip_path, indices, info)  # as fa81252 read them: arrays
         record("decode + colour, as read_frames", time.perf_counter() - t0)
-        boxes, seconds = {}, 0.0
+        if info.kind == "frames":  # fa81252: decoded, converted and copied to an array
+            record("before: decode", times["decode + colour, as read_frames"][-1])
+            record("before: colour", 0.0)
+        else:  # the same code
+            record("before: decode", decode)
+            record("before: colour", colour)
+        boxes, seconds, old_seconds = {}, 0.0, 0.0
         for number in wanted:
             t0 = time.perf_counter()
-            boxes[number] = detector.detect(np.ascontiguousarray(frames[number][:, :, :3])).box
-            seconds += time.perf_counter() - t0
-        record("detection", seconds)
-        face_s = context_s = 0.0
-        for number in wanted:
-            t0 = time.perf_counter()
-            face_crop(frames[number], boxes[number], cfg.face_margin, 224, cfg.face_resize)
+            boxes[number] = detector.detect(frames[number].array).box
             t1 = time.perf_counter()
-            letterbox(frames[number], 224)
-            face_s, context_s = face_s + t1 - t0, context_s + time.perf_counter() - t1
+            detector.detect(np.ascontiguousarray(arrays[number][:, :, :3]))
+            seconds, old_seconds = seconds + t1 - t0, old_seconds + time.perf_counter() - t1
+        record("detection", seconds)
+        record("before: detection", old_seconds)
+        face_s = context_s = old_face_s = old_context_s = 0.0
+        for number in wanted:
+            t0 = time.perf_counter()
+            face = face_crop(frames[number], boxes[number], cfg.face_margin, 224, cfg.face_resize)
+            t1 = time.perf_counter()
+            context = letterbox(frames[number], 224)
+            t2 = time.perf_counter()
+            old_face = face_crop(arrays[number], boxes[number], cfg.face_margin, 224,
+                                 cfg.face_resize)
+            t3 = time.perf_counter()
+            old_context = letterbox(arrays[number], 224)
+            t4 = time.perf_counter()
+            if not (np.array_equal(face, old_face) and np.array_equal(context, old_context)):
+                raise RuntimeError(f"frame {number} of {clip_path}: the crops differ from "
+                                   f"fa81252's")
+            face_s, context_s = face_s + t1 - t0, context_s + t2 - t1
+            old_face_s, old_context_s = old_face_s + t3 - t2, old_context_s + t4 - t3
         record("face crop", face_s)
         record("letterbox", context_s)
+        record("before: face crop", old_face_s)
+        record("before: letterbox", old_context_s)
+        record("_faces found", sum(b is not None for b in boxes.values()))
     detector.close()
     task = ClipTask(index=0, path=str(clip_path), segments=cfg.segments,
                     candidates=cfg.candidates, listed_frames=-1, boxes=None,
@@ -233,12 +285,15 @@ def stages(clip_path: Path, *, clip_spec: str, precision: str, repeats: int) -> 
         writer.close()
     median = {name: statistics.median(v) for name, v in times.items()}
     median["_precision"] = precision
+    median["_kept"] = len(wanted)
     return median
 
 
 def summarise(kind: str, s: dict) -> dict:
-    """Shares, the CPU side's clips/s per core, and the paper projection."""
+    """Shares, the CPU side's clips/s per core, and the paper projection; the same share
+    with the stages fa81252 timed in this run ("before")."""
     cpu = sum(s[name] for name in CPU_STAGES)
+    before = sum(s.get(f"before: {name}", s[name]) for name in CPU_STAGES)
     total = cpu + s["encoding"]
     per_core = 1 / cpu
     cpu_16 = PROJECTED_CORES * per_core
@@ -246,6 +301,9 @@ def summarise(kind: str, s: dict) -> dict:
     return {"kind": kind, "precision": s["_precision"],
             "stages_s": {k: round(v, 5) for k, v in s.items() if not k.startswith("_")},
             "cpu_side_s": round(cpu, 4), "encoder_share_serial": round(s["encoding"] / total, 3),
+            "before_cpu_side_s": round(before, 4),
+            "faces_found": f"{s['_faces found']:.0f} of {s['_kept']} kept frames",
+            "before_encoder_share_serial": round(s["encoding"] / (before + s["encoding"]), 3),
             "cpu_side_clips_per_s_per_core": round(per_core, 3),
             "projection": {"cores": PROJECTED_CORES,
                            "cpu_side_clips_per_s": round(cpu_16, 1),
@@ -265,6 +323,11 @@ def figures(breakdowns: list[dict]) -> list[dict]:
         out.append({"name": f"{name}: encoder share of the serial per-clip time",
                     "value": b["encoder_share_serial"], "unit": "fraction", "goal": ">= 0.8",
                     "met": b["encoder_share_serial"] >= 0.8})
+        out.append({"name": f"{name}: CPU side, before issue 17's change (fa81252) -> now, "
+                            f"same run", "unit": "ms/clip",
+                    "value": f"{1e3 * b['before_cpu_side_s']:.0f} -> {1e3 * b['cpu_side_s']:.0f}",
+                    "note": f"encoder share {b['before_encoder_share_serial']} -> "
+                            f"{b['encoder_share_serial']}; a face found in {b['faces_found']}"})
         p = b["projection"]
         out.append({"name": f"{name}: CPU side clips/s per core", "unit": "clips/s",
                     "value": b["cpu_side_clips_per_s_per_core"]})

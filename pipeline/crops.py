@@ -7,6 +7,7 @@ look like the images CLIP was trained on. (PIL's bicubic antialiases when it shr
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -33,16 +34,79 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+def _resize(image, width: int, height: int) -> np.ndarray:
+    if isinstance(image, Frame):
+        return image.resized(width, height)
     if image.shape[1] == width and image.shape[0] == height:
         return np.ascontiguousarray(image)
     return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize(
         (width, height), Image.BICUBIC))
 
 
-def letterbox(rgb: np.ndarray, size: int = 224) -> np.ndarray:
-    """The longer side resized to ``size``, centred on a black ``size x size`` square."""
-    rgb = _as_rgb(rgb)
+class Frame:
+    """One kept frame, handed to PIL once and shared by its face crop and its context.
+
+    ``image`` is a uint8 array (as ``_as_rgb`` accepts) or a PIL image (converted to RGB
+    as read_frames converts it). A whole-frame resize reuses the horizontal pass of an
+    earlier one to the same width: PIL's bicubic resize runs horizontally, then vertically,
+    through an 8-bit image, so resizing to (width, frame height) and then to (width, height)
+    gives the one-step resize's bytes exactly where PIL runs that pass first. Which pass it
+    runs first depends on the sizes only (this Pillow runs the vertical one first for some
+    tall images), so _rows_first checks it once per geometry on a noise image, and the frame
+    is resized in one step where it is not so (tests/test_crops.py compares the crops with
+    the one-step ones). A landscape frame with no face found is squashed and letterboxed
+    from one horizontal pass.
+    """
+
+    def __init__(self, image):
+        if isinstance(image, Image.Image):
+            self._image = image if image.mode == "RGB" else image.convert("RGB")
+            self._array = None
+            self.width, self.height = self._image.size
+        else:
+            self._array = np.ascontiguousarray(_as_rgb(image))
+            self._image = None  # made when first cropped: --preset original never needs it
+            self.height, self.width = self._array.shape[:2]
+        self._rows: dict[int, Image.Image] = {}  # width -> the frame resized to that width
+
+    @property
+    def image(self) -> Image.Image:
+        if self._image is None:
+            self._image = Image.fromarray(self._array)
+        return self._image
+
+    @property
+    def array(self) -> np.ndarray:
+        """The frame as uint8 RGB ``[H, W, 3]`` (what the detector and --preset original
+        take)."""
+        if self._array is None:
+            self._array = np.ascontiguousarray(np.asarray(self._image))
+        return self._array
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.height, self.width, 3
+
+    def resized(self, width: int, height: int, box=None) -> np.ndarray:
+        """The frame, or its integer ``box`` (x0, y0, x1, y1), bicubic to width x height."""
+        if box is not None and tuple(box) != (0, 0, self.width, self.height):
+            return np.asarray(self.image.crop(tuple(box)).resize((width, height), Image.BICUBIC))
+        if (width, height) == (self.width, self.height):
+            return np.array(self.image)
+        if width == self.width or not _rows_first(self.width, self.height, width, height):
+            return np.asarray(self.image.resize((width, height), Image.BICUBIC))
+        rows = self._rows.get(width)
+        if rows is None:
+            rows = self._rows[width] = self.image.resize((width, self.height), Image.BICUBIC)
+        if height == self.height:
+            return np.array(rows)
+        return np.asarray(rows.resize((width, height), Image.BICUBIC))
+
+
+def letterbox(rgb, size: int = 224) -> np.ndarray:
+    """The longer side resized to ``size``, centred on a black ``size x size`` square.
+    ``rgb``: a uint8 image or a Frame."""
+    rgb = rgb if isinstance(rgb, Frame) else _as_rgb(rgb)
     h, w = rgb.shape[:2]
     scale = size / max(h, w)
     new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
@@ -50,6 +114,18 @@ def letterbox(rgb: np.ndarray, size: int = 224) -> np.ndarray:
     top, left = (size - new_h) // 2, (size - new_w) // 2
     out[top:top + new_h, left:left + new_w] = _resize(rgb, new_w, new_h)
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _rows_first(in_w: int, in_h: int, out_w: int, out_h: int) -> bool:
+    """Whether PIL's bicubic resize from in_w x in_h to out_w x out_h equals resizing the
+    width first and the height then (two 8-bit passes): checked on noise, whose two pass
+    orders never agree, once per geometry in a process."""
+    noise = np.random.default_rng(0).integers(0, 256, (in_h, in_w, 3), np.uint8)
+    image = Image.fromarray(noise)
+    one_step = np.asarray(image.resize((out_w, out_h), Image.BICUBIC))
+    two_steps = image.resize((out_w, in_h), Image.BICUBIC).resize((out_w, out_h), Image.BICUBIC)
+    return bool(np.array_equal(one_step, np.asarray(two_steps)))
 
 
 def crop_box(box, width: int, height: int, margin: int = 20) -> tuple[int, int, int, int]:
@@ -63,17 +139,24 @@ def crop_box(box, width: int, height: int, margin: int = 20) -> tuple[int, int, 
     return x0, y0, x1, y1
 
 
-def face_crop(rgb: np.ndarray, box=None, margin: int = 20, size: int = 224,
+def face_crop(rgb, box=None, margin: int = 20, size: int = 224,
               resize: str = "squash") -> np.ndarray:
     """The face region as uint8 ``[size, size, 3]``.
 
     ``box`` is (x0, y0, x1, y1) in pixels; it grows by ``margin`` pixels each side and is
     clamped to the image. ``None`` (no face found) crops the whole frame; the caller records
-    that. ``resize="squash"`` stretches the crop to a square as the original does;
+    that. ``rgb`` is a uint8 image or a Frame. ``resize="squash"`` stretches the crop to a square as the original does;
     ``"letterbox"`` keeps its aspect ratio and pads with black.
     """
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    if isinstance(rgb, Frame):
+        if box is None:
+            return letterbox(rgb, size) if resize == "letterbox" else rgb.resized(size, size)
+        region = crop_box(box, rgb.width, rgb.height, margin)
+        if resize == "squash":
+            return rgb.resized(size, size, region)
+        rgb = rgb.array  # a letterboxed face: a small crop, cut as an array
     rgb = _as_rgb(rgb)
     if box is not None:
         x0, y0, x1, y1 = crop_box(box, rgb.shape[1], rgb.shape[0], margin)

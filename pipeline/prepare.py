@@ -123,6 +123,9 @@ def _prepare(task: ClipTask) -> PreparedClip:
         notes.append(f"{len(bad)} kept frame(s) did not decode (first {bad[0]}); the last "
                      f"decoded frame stands in")
 
+    from pipeline.crops import Frame
+
+    frames = {number: Frame(image) for number, image in frames.items()}  # one PIL image each
     detections = _faces(task, info, frames, indices)
     body = _body_box(task, frames, detections)
     face_crop, context_crop = _croppers(task, body)
@@ -182,7 +185,7 @@ def _decode(task: ClipTask, info, indices: np.ndarray):
     from pipeline.video import ClipError, read_frames
 
     if task.frame_decode == "original" and info.kind == "frames":
-        frames = {}
+        frames = {}  # arrays: the original's own decoding, with no PIL image kept
         for number in np.unique(indices):
             name = info.files[int(number)]
             try:
@@ -190,7 +193,7 @@ def _decode(task: ClipTask, info, indices: np.ndarray):
             except Exception as err:  # noqa: BLE001 - any unreadable image fails the clip
                 raise ClipError(f"unreadable image {name}: {first_line(err)}") from None
         return frames
-    return read_frames(task.path, indices, info)
+    return read_frames(task.path, indices, info, images=True)
 
 
 def _faces(task: ClipTask, info, frames, indices: np.ndarray) -> dict:
@@ -213,7 +216,7 @@ def _faces(task: ClipTask, info, frames, indices: np.ndarray) -> dict:
             if _DETECTOR is not None:
                 _DETECTOR.close()
             _DETECTOR = FaceDetector(*wanted)  # once per worker process
-        det = _DETECTOR.detect(_rgb3(frames[number]))
+        det = _DETECTOR.detect(frames[number].array)
         detections[number] = (det.box, float(det.score))
     return detections
 
@@ -229,32 +232,33 @@ def _body_box(task: ClipTask, frames, detections: dict):
     from pipeline.persons import pick_body_box  # only with --context body and no box file
 
     numbers = sorted(frames)
-    box = pick_body_box([_rgb3(frames[n]) for n in numbers],
+    box = pick_body_box([frames[n].array for n in numbers],
                         [detections[n][0] for n in numbers])
     return None if box is None else tuple(float(v) for v in box[:4])
 
 
 def _croppers(task: ClipTask, body):
-    """(face crop of (rgb, box), context crop of rgb) as the task's options choose."""
+    """(face crop of (frame, box), context crop of frame) as the task's options choose;
+    a frame is a pipeline.crops.Frame."""
     from pipeline import original
     from pipeline.crops import crop_box, face_crop, letterbox
 
     size, margin = task.image_size, task.face_margin
     if task.face_crop == "original":
-        def face(rgb, box):
-            return original.face_crop(rgb, box, margin, size)
+        def face(frame, box):
+            return original.face_crop(frame.array, box, margin, size)
     else:
-        def face(rgb, box):
-            return face_crop(rgb, box, margin, size, task.face_resize)
+        def face(frame, box):
+            return face_crop(frame, box, margin, size, task.face_resize)
     if task.context_resize == "original":
-        def context(rgb):
-            return original.context_crop(rgb, body, size)
+        def context(frame):
+            return original.context_crop(frame.array, body, size)
     else:
-        def context(rgb):
-            if body is not None:
-                x0, y0, x1, y1 = crop_box(body, rgb.shape[1], rgb.shape[0], margin=0)
-                rgb = rgb[y0:y1, x0:x1]
-            return letterbox(rgb, size)
+        def context(frame):
+            if body is None:
+                return letterbox(frame, size)
+            x0, y0, x1, y1 = crop_box(body, frame.width, frame.height, margin=0)
+            return letterbox(frame.array[y0:y1, x0:x1], size)
     return face, context
 
 
@@ -306,12 +310,6 @@ def moved_prefix(path: str, root: str) -> str:
             return (f"{candidate} exists: the annotation paths carry a prefix from another "
                     f"machine or layout; strip '{prefix}{os.sep}' from them")
     return ""
-
-
-def _rgb3(rgb: np.ndarray) -> np.ndarray:
-    if rgb.ndim == 2:
-        return np.repeat(rgb[:, :, None], 3, axis=2)
-    return np.ascontiguousarray(rgb[:, :, :3])
 
 
 def warm_worker(task: ClipTask, hold: float = 0.2) -> int:

@@ -115,9 +115,20 @@ def _probe_video(path: Path) -> ClipInfo:
         fps = float(rate) if rate else None
         # Count frames by demuxing: stream.frames is 0 or wrong in many containers. Packets an
         # edit list marks as discarded decode to no frame, so they are not frames of the clip.
+        # The packets before the first frame are decoded on the way, as container.decode
+        # would (every packet, the discarded and the final flush one too): one pass over the
+        # file, not a second open and read from its start for the frame size and rotation.
         pts, is_key = [], []
+        first, decoding = None, True
         try:
             for packet in container.demux(stream):
+                if decoding:
+                    try:
+                        first = next(iter(packet.decode()), None)
+                    except Exception:  # noqa: BLE001 - an undecodable start: no frame
+                        decoding = False
+                    if first is not None:
+                        decoding = False
                 if packet.size == 0 or packet.is_discard:  # size 0: the flush packet at the end
                     continue
                 pts.append(packet.pts)
@@ -133,10 +144,6 @@ def _probe_video(path: Path) -> ClipInfo:
         frame_pts = sorted(pts)
         rank = {p: i for i, p in enumerate(frame_pts)}
         keyframes = sorted(rank[p] for p, k in zip(pts, is_key) if k)
-
-    container, stream = open_video()  # afresh: not every format seeks back to its start
-    with container:
-        first = _first_frame(container, stream)
     if first is None:
         raise ClipError("no decodable frame")
     rotation = _rotation(first)
@@ -175,15 +182,6 @@ def stream_note(streams, chosen) -> str:
         else "the largest"
     return (f"{len(streams)} video streams; read stream #{chosen.index} ({why}, "
             f"{chosen.width}x{chosen.height})")
-
-
-def _first_frame(container, stream):
-    try:
-        for frame in container.decode(stream):
-            return frame
-    except Exception:
-        return None
-    return None
 
 
 def _rotation(frame) -> int:
@@ -236,7 +234,7 @@ class Frames(dict):
 
 
 def read_frames(path, indices, info: ClipInfo | None = None,
-                seek_min_gap: int = SEEK_MIN_GAP) -> Frames:
+                seek_min_gap: int = SEEK_MIN_GAP, images: bool = False) -> Frames:
     """Decode the wanted frames of a clip as uint8 RGB ``[H, W, 3]``, rotated upright.
 
     ``indices`` may repeat and come in any order. A video is decoded straight through, except
@@ -247,6 +245,10 @@ def read_frames(path, indices, info: ClipInfo | None = None,
     when no frame decodes; otherwise a wanted frame that did not decode gets the last frame
     that did before it, recorded in ``result.substituted``. ``info.n_frames`` still counts what
     is on disk. In a folder, an unreadable wanted image raises ClipError naming the file.
+
+    ``images=True`` gives a folder's frames as the decoded PIL images (mode as decoded, same
+    pixels once converted to RGB), which saves two copies of each frame where PIL crops them
+    next (pipeline.crops.Frame); a video's frames stay arrays.
     """
     info = info if info is not None else probe_clip(path)
     wanted = sorted({int(i) for i in np.asarray(indices).reshape(-1)})
@@ -255,11 +257,11 @@ def read_frames(path, indices, info: ClipInfo | None = None,
     if wanted[0] < 0 or wanted[-1] >= info.n_frames:
         raise ValueError(f"frame numbers must lie in [0, {info.n_frames}), got {wanted[0]}..{wanted[-1]}")
     if info.kind == "frames":
-        return _read_folder(Path(path), info, wanted)
+        return _read_folder(Path(path), info, wanted, images)
     return _read_video(Path(path), info, wanted, seek_min_gap)
 
 
-def _read_folder(path: Path, info: ClipInfo, wanted: list[int]) -> Frames:
+def _read_folder(path: Path, info: ClipInfo, wanted: list[int], images: bool = False) -> Frames:
     from PIL import Image, ImageOps
 
     files = info.files if info.files is not None else _probe_folder(path).files
@@ -267,7 +269,12 @@ def _read_folder(path: Path, info: ClipInfo, wanted: list[int]) -> Frames:
     for i in wanted:
         try:
             with Image.open(path / files[i]) as img:
-                out[i] = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+                img.load()
+                ImageOps.exif_transpose(img, in_place=True)  # a copy only when it turns
+                if images:
+                    out[i] = img
+                else:
+                    out[i] = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
         except Exception as err:
             raise ClipError(f"unreadable image {files[i]}: {first_line(err)}") from None
     return out

@@ -106,3 +106,58 @@ def test_to_clip_pixels_layout_range_and_normalisation():
     assert normalize_pixels(video, "none") is video
     with pytest.raises(ValueError):
         normalize_pixels(video, "imagenet")
+
+
+# ---- pipeline.crops.Frame: one PIL image per kept frame must give the array path's bytes
+
+
+def _frames_of(astronaut, carphone):
+    from PIL import Image
+
+    from pipeline.video import read_frames
+
+    big = np.asarray(Image.fromarray(astronaut).resize((1280, 720)))  # landscape, as RAER
+    video = read_frames(carphone, [0, 60])
+    # "tall": a geometry where this Pillow resizes the height first (Frame then resizes it in
+    # one step; sharing the width pass would differ by up to 5 levels)
+    return {"landscape": big, "portrait": np.ascontiguousarray(big[:, :500]),
+            "tall": np.ascontiguousarray(np.rot90(big)),
+            "carphone": video[60], "astronaut": astronaut}
+
+
+@pytest.mark.parametrize("resize", ["squash", "letterbox"])
+def test_frame_crops_are_the_array_crops_exactly(astronaut, carphone, resize):
+    from pipeline.crops import Frame
+
+    for name, rgb in _frames_of(astronaut, carphone).items():
+        h, w = rgb.shape[:2]
+        boxes = [None, (w * 0.3, h * 0.2, w * 0.6, h * 0.7), (0, 0, w, h),
+                 (-5.5, h * 0.5, w * 0.2, h + 3.2), (w - 3, h - 3, w + 1, h + 1)]
+        for order in ("face first", "context first"):  # the shared horizontal pass either way
+            frame = Frame(rgb)
+            for box in boxes:
+                if order == "context first":
+                    assert np.array_equal(letterbox(frame, 224), letterbox(rgb, 224)), name
+                got = face_crop(frame, box, 20, 224, resize)
+                want = face_crop(rgb, box, 20, 224, resize)
+                assert got.shape == want.shape == (224, 224, 3)
+                assert np.array_equal(got, want), (name, box, resize, order)
+                assert np.array_equal(letterbox(frame, 224), letterbox(rgb, 224)), name
+            assert np.array_equal(letterbox(frame, 64), letterbox(rgb, 64))
+            assert np.array_equal(letterbox(Frame(rgb), w if w >= h else h), letterbox(rgb, max(h, w)))
+
+
+def test_frame_of_a_pil_image_is_its_rgb_array(astronaut):
+    from PIL import Image
+
+    from pipeline.crops import Frame
+
+    for image in (Image.fromarray(astronaut).convert("L"), Image.fromarray(astronaut).convert("P"),
+                  Image.fromarray(np.dstack([astronaut, astronaut[..., :1]]), "RGBA")):
+        rgb = np.asarray(image.convert("RGB"))
+        frame = Frame(image)
+        assert frame.shape == rgb.shape and np.array_equal(frame.array, rgb)
+        assert np.array_equal(face_crop(frame, None, size=96), face_crop(rgb, None, size=96))
+        assert np.array_equal(letterbox(frame, 96), letterbox(rgb, 96))
+    gray = Frame(astronaut[..., 0])  # a 2-D array becomes three equal channels
+    assert gray.array.shape == (512, 512, 3) and (gray.array[..., 2] == astronaut[..., 0]).all()

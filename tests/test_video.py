@@ -450,3 +450,25 @@ def test_two_video_streams_read_the_default_else_the_largest(tmp_path, name, def
                     face_resize="squash", image_size=32, boxes={})
     result = prepare_clip(task)
     assert result.status == "ok" and result.note == info.note  # kept in the manifest
+
+
+def test_frame_folder_as_images_has_the_arrays_pixels(tmp_path):
+    """read_frames(images=True) hands PIL images on (pipeline.crops.Frame takes them); once
+    in RGB they are read_frames' arrays exactly: JPEG, grayscale, palette, RGBA and an EXIF
+    rotation."""
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    frames = numbered_frames(3)
+    Image.fromarray(frames[0]).save(folder / "1.jpg", quality=90)
+    Image.fromarray(frames[1]).convert("L").save(folder / "2.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turned 90 degrees
+    Image.fromarray(frames[2]).save(folder / "3.jpg", exif=exif)
+    Image.fromarray(frames[0]).convert("P").save(folder / "4.png")
+    Image.fromarray(np.dstack([frames[1], frames[1][..., :1]]), "RGBA").save(folder / "5.png")
+    arrays = read_frames(folder, range(5))
+    images = read_frames(folder, range(5), images=True)
+    assert arrays[2].shape == (64, 48, 3)  # the EXIF turn applied
+    for i in range(5):
+        assert isinstance(images[i], Image.Image)
+        assert np.array_equal(np.asarray(images[i].convert("RGB")), arrays[i]), i
