@@ -7,7 +7,8 @@ auto), through the pipeline's public functions, as a worker runs them now:
   probe       pipeline.video.probe_clip (one pass: demux, the first frame decoded on the way)
   decode      JPEG: read_frames(images=True), PIL decoding (libjpeg converts to RGB as it
               decodes: no colour stage of its own), EXIF transpose, one crops.Frame each;
-              H.264: PyAV decoding straight through to the last kept frame
+              H.264: PyAV decoding straight through to the last kept frame, the decoder
+              skipping the unwanted frames no other frame refers to
   colour      JPEG: 0 (inside decode); H.264: frame.to_ndarray("rgb24") (swscale), kept
               frames only
   detection   FaceDetector.detect on each kept frame's array (Frame.array: for a JPEG that
@@ -22,8 +23,9 @@ auto), through the pipeline's public functions, as a worker runs them now:
 
 The same run times the code before issue 17's CPU-side change (caer-kit fa81252) on the same
 clip, stage by stage ("before" below): the probe opening the file twice (a copy of that code
-is kept here as the reference), JPEG frames converted and copied to arrays
-(read_frames(images=False)), and the crops cut from those arrays, each handed to PIL again.
+is kept here as the reference), every frame of a video decoded, JPEG frames converted and
+copied to arrays (read_frames(images=False)), and the crops cut from those arrays, each
+handed to PIL again.
 Both give the same bytes (tests/test_crops.py, tests/test_video.py).
 
 "decode + colour" is checked against pipeline.video.read_frames, and the CPU stages against
@@ -81,9 +83,12 @@ def h264_clip(path: Path, frames: int = 75, size=(1080, 1920)) -> Path:
     return path
 
 
-def _decode_split(path: Path, info, wanted: list[int]) -> tuple[float, float, dict]:
-    """(decode s, colour s, {number: Frame}) of the kept frames, as a worker reads them."""
+def _decode_split(path: Path, info, wanted: list[int],
+                  skip_unwanted: bool = True) -> tuple[float, float, dict]:
+    """(decode s, colour s, {number: Frame}) of the kept frames, as a worker reads them;
+    ``skip_unwanted=False``: a video decoded as fa81252 did, every frame."""
     from pipeline.crops import Frame
+    from pipeline.video import _decoded
 
     if info.kind == "frames":
         from pipeline.video import read_frames
@@ -96,13 +101,16 @@ def _decode_split(path: Path, info, wanted: list[int]) -> tuple[float, float, di
 
     decode = colour = 0.0
     out, wanted_set = {}, set(wanted)
+    rank = {p: i for i, p in enumerate(info.frame_pts)}
     with av.open(str(path)) as container:
-        frames = container.decode(container.streams.video[0])
-        for number in range(max(wanted) + 1):
+        stream = next(s for s in container.streams.video if s.index == info.stream_index)
+        frames = _decoded(container, stream, rank, wanted_set, skip_unwanted)
+        while len(out) < len(wanted_set):
             t0 = time.perf_counter()
             frame = next(frames)
             t1 = time.perf_counter()
             decode += t1 - t0
+            number = rank[frame.pts]
             if number in wanted_set:
                 out[number] = Frame(frame.to_ndarray(format="rgb24"))
                 colour += time.perf_counter() - t1
@@ -200,9 +208,10 @@ def stages(clip_path: Path, *, clip_spec: str, precision: str, repeats: int) -> 
         if info.kind == "frames":  # fa81252: decoded, converted and copied to an array
             record("before: decode", times["decode + colour, as read_frames"][-1])
             record("before: colour", 0.0)
-        else:  # the same code
-            record("before: decode", decode)
-            record("before: colour", colour)
+        else:  # fa81252 decoded every frame
+            old_decode, old_colour, _ = _decode_split(Path(clip_path), info, wanted, False)
+            record("before: decode", old_decode)
+            record("before: colour", old_colour)
         boxes, seconds, old_seconds = {}, 0.0, 0.0
         for number in wanted:
             t0 = time.perf_counter()

@@ -258,7 +258,10 @@ def read_frames(path, indices, info: ClipInfo | None = None,
         raise ValueError(f"frame numbers must lie in [0, {info.n_frames}), got {wanted[0]}..{wanted[-1]}")
     if info.kind == "frames":
         return _read_folder(Path(path), info, wanted, images)
-    return _read_video(Path(path), info, wanted, seek_min_gap)
+    out = _read_video(Path(path), info, wanted, seek_min_gap, skip_unwanted=True)
+    if out.substituted:  # a damaged file: its stand-ins are the frames decoding through gives
+        out = _read_video(Path(path), info, wanted, seek_min_gap, skip_unwanted=False)
+    return out
 
 
 def _read_folder(path: Path, info: ClipInfo, wanted: list[int], images: bool = False) -> Frames:
@@ -287,7 +290,25 @@ def _to_rgb(frame, rotation: int) -> np.ndarray:
     return rgb
 
 
-def _read_video(path: Path, info: ClipInfo, wanted: list[int], seek_min_gap: int) -> Frames:
+def _decoded(container, stream, rank: dict | None, wanted: set, skip_unwanted: bool):
+    """container.decode(stream), with the decoder told to skip each unwanted frame that no
+    other frame refers to (FFmpeg's skip_frame "NONREF": about half the frames of an H.264
+    clip with B-frames, and ones no wanted frame can depend on, so the wanted frames come
+    out the same). Only where timestamps number the frames (``rank``)."""
+    context = stream.codec_context
+    for packet in container.demux(stream):
+        if skip_unwanted and rank is not None:
+            number = rank.get(packet.pts)
+            context.skip_frame = "NONREF" if number is not None and number not in wanted \
+                else "DEFAULT"
+        yield from packet.decode()
+
+
+def _read_video(path: Path, info: ClipInfo, wanted: list[int], seek_min_gap: int,
+                skip_unwanted: bool = True) -> Frames:
+    """``skip_unwanted`` lets the decoder skip unwanted non-reference frames; a wanted frame
+    that does not decode then finds fewer frames before it to stand in, so read_frames reads
+    a damaged clip again without skipping."""
     import av
 
     rank = {p: i for i, p in enumerate(info.frame_pts)} if info.frame_pts else None
@@ -320,7 +341,7 @@ def _read_video(path: Path, info: ClipInfo, wanted: list[int], seek_min_gap: int
                 except av.FFmpegError:
                     can_seek = False  # the position is unchanged: decode through from here
             if frames is None:
-                frames = container.decode(stream)
+                frames = _decoded(container, stream, rank, wanted_set, skip_unwanted)
             ended = True
             try:
                 for frame in frames:

@@ -472,3 +472,29 @@ def test_frame_folder_as_images_has_the_arrays_pixels(tmp_path):
     for i in range(5):
         assert isinstance(images[i], Image.Image)
         assert np.array_equal(np.asarray(images[i].convert("RGB")), arrays[i]), i
+
+
+def test_unwanted_non_reference_frames_are_skipped_and_the_wanted_ones_are_the_same(tmp_path):
+    """read_frames lets the decoder skip unwanted frames no other frame refers to (B-frames
+    here): fewer frames decode, and each wanted one is the frame decoding everything gives."""
+    from pipeline import video
+
+    path = write_video(tmp_path / "b.mp4", moving_square_frames(48, (96, 128)),
+                       options={"bf": "3", "crf": "30"})
+    info = probe_clip(path)
+    wanted = [3, 10, 22, 35, 46]
+    rank = {p: i for i, p in enumerate(info.frame_pts)}
+
+    def decoded(skip: bool) -> dict:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            return {rank[f.pts]: f.to_ndarray(format="rgb24")
+                    for f in video._decoded(container, stream, rank, set(wanted), skip)}
+
+    everything, skipped = decoded(False), decoded(True)
+    assert sorted(everything) == list(range(48))
+    assert set(wanted) <= set(skipped) and len(skipped) <= 36  # B-frames were skipped
+    got = read_frames(path, wanted, info)
+    assert not got.substituted
+    for n in wanted:
+        assert np.array_equal(skipped[n], everything[n]) and np.array_equal(got[n], everything[n])
