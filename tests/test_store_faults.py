@@ -150,8 +150,9 @@ def test_a_full_disk_gives_one_line_exit_4_and_a_valid_store(clips, tiny_clip_di
     assert leftovers == []
 
 
-def test_a_full_disk_while_creating_leaves_nothing(clips, tiny_clip_dir, small_disk):
-    filler = small_disk / "filler"
+def fill_disk(disk: Path, leave: int = 8192) -> Path:
+    """Fill ``disk`` with a file ``disk/filler`` but for ``leave`` bytes; returns the file."""
+    filler = disk / "filler"
     fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
     try:
         while True:
@@ -160,7 +161,12 @@ def test_a_full_disk_while_creating_leaves_nothing(clips, tiny_clip_dir, small_d
         pass
     finally:
         os.close(fd)
-    os.truncate(filler, os.path.getsize(filler) - 8192)  # too little for the store's metadata
+    os.truncate(filler, os.path.getsize(filler) - leave)
+    return filler
+
+
+def test_a_full_disk_while_creating_leaves_nothing(clips, tiny_clip_dir, small_disk):
+    fill_disk(small_disk)  # too little for the store's metadata
     cache = small_disk / "s.zarr"
     result = _run(_args(clips, tiny_clip_dir, cache))
     assert result.exit_code == 4, result.output

@@ -1,6 +1,7 @@
 """The writer's API to a store's life cycle (cache.lifecycle.WriteSession), on its own: a .h5
-store is staged, written out in one piece and its staging store dropped; a foreign file in
-the way is left alone; a held store refuses a second session."""
+store is staged, written out in one piece and its staging store dropped; a full disk (a real
+tmpfs) during the export leaves no half-written file, one line, and the next session ends it;
+a foreign file in the way is left alone; a held store refuses a second session."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ import numpy as np
 import pytest
 
 from cache import WriteSession, open_store
+from cache.core.errors import WriteFailed
 from cache.fingerprint import make_fingerprint
 from cache.layout import ClipResult, ClipRow
 from cache.lifecycle import NotAStore
 from cache.lock import StoreBusy
 from cache.store import StoreError
 from cache.core.labels import RAER5
+from test_store_faults import fill_disk, small_disk  # noqa: F401 - small_disk: a 2 MB tmpfs
 
 S, K, D, N = 4, 2, 64, 10
 
@@ -28,10 +31,13 @@ def _fingerprint() -> dict:
                             labels=RAER5)
 
 
+def _rows() -> list[ClipRow]:
+    return [ClipRow(f"c{i}", f"/clips/c{i}.mp4", i % 5, "train") for i in range(N)]
+
+
 def _write_all(session: WriteSession) -> np.ndarray:
     """Prepare the session's store for N clips and write them all; returns the face features."""
-    rows = [ClipRow(f"c{i}", f"/clips/c{i}.mp4", i % 5, "train") for i in range(N)]
-    assert session.prepare(_fingerprint(), rows, [])
+    assert session.prepare(_fingerprint(), _rows(), [])
     face = np.random.default_rng(0).standard_normal((N, S, K, D)).astype(np.float16)
     writer = session.writer()
     for i in range(N):
@@ -55,8 +61,29 @@ def test_an_hdf5_store_is_staged_exported_whole_and_its_staging_store_dropped(tm
         np.testing.assert_array_equal(store.features("face")[:], face)
         assert (store.manifest.status == "ok").all()
     with WriteSession(cache) as session:  # everything asked for is there: nothing to do
-        rows = [ClipRow(f"c{i}", f"/clips/c{i}.mp4", i % 5, "train") for i in range(N)]
-        assert not session.prepare(_fingerprint(), rows, [])
+        assert not session.prepare(_fingerprint(), _rows(), [])
+
+
+def test_a_full_disk_during_the_export_leaves_no_half_file_and_the_next_session_ends_it(
+        small_disk):  # noqa: F811 - the fixture imported above
+    cache = small_disk / "s.h5"
+    with WriteSession(cache) as session:
+        face = _write_all(session)
+        filler = fill_disk(small_disk)  # 8 KB left: far less than the .h5 needs
+        # HDF5 fails to flush the file; the process that holds it would crash on releasing it
+        # (h5py 3.16), so a child writes it and this process gets the one-line error.
+        with pytest.raises(WriteFailed, match="No space left on device") as failure:
+            session.commit()
+        assert str(session.staging) in str(failure.value)  # the finished staging store is kept
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "s.h5.staging.zarr"]
+    filler.unlink()
+    with WriteSession(cache) as session:  # the next run finds its clips done and exports
+        assert session.prepare(_fingerprint(), _rows(), [])
+        assert (session.writer().status == 1).all()
+        session.commit()
+    assert sorted(p.name for p in small_disk.iterdir()) == ["s.h5"]
+    with open_store(cache) as store:
+        np.testing.assert_array_equal(store.features("face")[:], face)
 
 
 def test_a_foreign_file_in_the_way_is_left_alone(tmp_path):
