@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cache.core.errors import CaerError
+from cache.core.errors import CaerError, first_line
 from cache.core.runtime import Distributed as Dist
 from cache.core.runtime import resolve_device, resolve_precision
 from cache.fingerprint import make_fingerprint
@@ -158,9 +158,7 @@ def _extract_locked(cfg: ExtractConfig, d: Dist, session: WriteSession,
             except Exception as err:  # noqa: BLE001 - the other ranks must hear of it
                 if d.world == 1 and not isinstance(err, CaerError):
                     raise
-                text = str(err).strip().splitlines()
-                outcome = (text[0] if text else type(err).__name__,
-                           getattr(err, "exit_code", 1))
+                outcome = (first_line(err), getattr(err, "exit_code", 1))
         outcome = d.share(outcome)
         if isinstance(outcome, tuple):
             raise CaerError(*outcome)
