@@ -3,7 +3,8 @@
 A full measurement is tens of hours on a 2-core CPU (36 train-head runs of 20 epochs), so this
 script measures what the total is made of, and projects it:
 
-- the train-head step time of each of Table 6's 12 configurations (n_ctx x temporal layers x
+- the train-head step time (at --precision, default auto as ablate passes it: bf16 on a CPU
+  with native bf16) of each of Table 6's 12 configurations (n_ctx x temporal layers x
   streams face/both), with random:vit-b-32 (the real ViT-B/32 text tower; CLIP's own BPE, so the
   RAER prompts have their real lengths), batch 8, 16 segments: the median of --steps steps after
   two warm-up steps, the same code as heads/train.py (per-clip dropout, SGD groups);
@@ -47,6 +48,7 @@ from heads.model import CaerModel, HeadConfig  # noqa: E402
 from heads.step import use_sample_dropout  # noqa: E402
 from pipeline.clip import build_random_clip  # noqa: E402
 from cache.core.labels import RAER5  # noqa: E402
+from cache.core.runtime import cpu_has_native_bf16, resolve_precision  # noqa: E402
 
 from bench_head import time_steps  # noqa: E402
 from common import environment, write_result  # noqa: E402
@@ -54,7 +56,8 @@ from common import environment, write_result  # noqa: E402
 
 @torch.no_grad()
 def forward_s(model, clips: int, segments: int, dim: int) -> float:
-    """Seconds to score ``clips`` clips as train-head validates (chunks of 256, text once)."""
+    """Seconds to score ``clips`` clips as train-head validates (chunks of 256, text once,
+    fp32: train-head evaluates in fp32 whatever it trains in)."""
     model.eval()
     started = time.perf_counter()
     text = model.encode_text()
@@ -80,13 +83,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="of the training steps, as ablate passes it to train-head (auto: "
+                             "bf16 on a CPU with native bf16, else fp32)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_ablate.json"))
     args = parser.parse_args()
     if args.quick:
         args.clip, args.train_clips, args.test_clips, args.steps = "tiny", 80, 20, 1
     if args.threads:
         torch.set_num_threads(args.threads)
+    precision = resolve_precision(args.precision, "cpu")
     result = {"benchmark": "ablate", "quick": args.quick, "clip": f"random:{args.clip}",
+              "precision": precision, "native_bf16": cpu_has_native_bf16(),
               **environment(), "load_average_before": os.getloadavg()}
     clip = build_random_clip(args.clip)
     labels_set = RAER5  # random: CLIPs tokenize with CLIP's own BPE: the real prompt lengths
@@ -102,7 +110,7 @@ def main() -> None:
             model = CaerModel(HeadConfig(segments=t, n_ctx=n_ctx, temporal_layers=layers,
                                          streams=streams), clip, labels_set)
             use_sample_dropout(model)
-            steps = time_steps(model, False, *features, labels, args.steps, 2, None)
+            steps = time_steps(model, False, *features, labels, args.steps, 2, None, precision)
             step = statistics.median(steps)
             val_s = forward_s(model, val_clips, t, d)
             test_s = forward_s(model, args.test_clips, t, d)
