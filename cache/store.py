@@ -15,9 +15,6 @@ import pandas as pd
 
 from cache.core.errors import CaerError
 from cache.core.labels import LabelSet, load_label_set
-# FINGERPRINT_* are re-exported for heads/evaluate.py and heads/explain_inputs.py, which
-# import them from here (they are cache.fingerprint's).
-from cache.fingerprint import FINGERPRINT_DEFAULTS, FINGERPRINT_OPTIONS  # noqa: F401
 from cache.layout import (FORMAT_VERSION, RESULT_PREFIXES, STATUS_NAMES, array_specs, is_hdf5,
                           staging_path)
 

@@ -27,7 +27,7 @@ import torch
 from cache import fingerprint_mismatch, open_store
 from cache.core.runtime import check_device
 from cache.atomic import atomic_write, atomic_write_text, output_dir, refuse_symlink
-from cache.store import FINGERPRINT_DEFAULTS, FINGERPRINT_OPTIONS
+from cache.fingerprint import FINGERPRINT_DEFAULTS, FINGERPRINT_OPTIONS
 from heads.config import EvaluateConfig  # noqa: F401 - heads.evaluate.EvaluateConfig as before
 from cache.verify import refuse_pending
 from heads.metrics import (Report, compute_grouped, compute_report, format_table, pct,

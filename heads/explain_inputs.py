@@ -99,7 +99,7 @@ def _redecode(cfg: ExplainConfig, fp: dict, clip, frames: np.ndarray, boxes: np.
     the same frames, the stored face (and body) boxes."""
     import pandas as pd
 
-    from cache.store import FINGERPRINT_DEFAULTS
+    from cache.fingerprint import FINGERPRINT_DEFAULTS
     from pipeline.prepare import ClipTask, prepare_clip
     from pipeline.video import ClipError, probe_clip
 
