@@ -23,9 +23,9 @@ auto), through the pipeline's public functions, as a worker runs them now:
 
 The same run times the code before issue 17's CPU-side change (caer-kit fa81252) on the same
 clip, stage by stage ("before" below): the probe opening the file twice (a copy of that code
-is kept here as the reference), every frame of a video decoded, JPEG frames converted and
-copied to arrays (read_frames(images=False)), and the crops cut from those arrays, each
-handed to PIL again.
+is kept here as the reference), every frame of a video decoded, JPEG frames transposed,
+converted and copied to arrays (read_folder_before, a copy of that code), and the crops cut
+from those arrays, each handed to PIL again.
 Both give the same bytes (tests/test_crops.py, tests/test_video.py).
 
 "decode + colour" is checked against pipeline.video.read_frames, and the CPU stages against
@@ -117,6 +117,18 @@ def _decode_split(path: Path, info, wanted: list[int],
     return decode, colour, out
 
 
+def read_folder_before(path: Path, info, wanted: list[int]) -> dict:
+    """A folder's kept frames as caer-kit fa81252 read them (the reference "before"): EXIF
+    transposed (a copy), converted to RGB (a copy) and made an array."""
+    from PIL import Image, ImageOps
+
+    out = {}
+    for i in wanted:
+        with Image.open(path / info.files[i]) as img:
+            out[i] = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+    return out
+
+
 def probe_before(path: Path):
     """The probe of caer-kit fa81252, kept as the reference "before": it demuxed every
     packet, then opened the file afresh to decode its first frame for the size and rotation."""
@@ -203,12 +215,15 @@ def stages(clip_path: Path, *, clip_spec: str, precision: str, repeats: int) -> 
         record("decode", decode)
         record("colour", colour)
         t0 = time.perf_counter()
-        arrays = read_frames(clip_path, indices, info)  # as fa81252 read them: arrays
+        read_frames(clip_path, indices, info, images=True)
         record("decode + colour, as read_frames", time.perf_counter() - t0)
         if info.kind == "frames":  # fa81252: decoded, converted and copied to an array
-            record("before: decode", times["decode + colour, as read_frames"][-1])
+            t0 = time.perf_counter()
+            arrays = read_folder_before(Path(clip_path), info, wanted)
+            record("before: decode", time.perf_counter() - t0)
             record("before: colour", 0.0)
         else:  # fa81252 decoded every frame
+            arrays = read_frames(clip_path, indices, info)
             old_decode, old_colour, _ = _decode_split(Path(clip_path), info, wanted, False)
             record("before: decode", old_decode)
             record("before: colour", old_colour)
