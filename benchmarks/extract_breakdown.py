@@ -88,7 +88,7 @@ def _decode_split(path: Path, info, wanted: list[int],
     """(decode s, colour s, {number: Frame}) of the kept frames, as a worker reads them;
     ``skip_unwanted=False``: a video decoded as fa81252 did, every frame."""
     from pipeline.crops import Frame
-    from pipeline.video import _decoded
+    from pipeline.video import decode_stream
 
     if info.kind == "frames":
         from pipeline.video import read_frames
@@ -104,7 +104,7 @@ def _decode_split(path: Path, info, wanted: list[int],
     rank = {p: i for i, p in enumerate(info.frame_pts)}
     with av.open(str(path)) as container:
         stream = next(s for s in container.streams.video if s.index == info.stream_index)
-        frames = _decoded(container, stream, rank, wanted_set, skip_unwanted)
+        frames = decode_stream(container, stream, rank, wanted_set, skip_unwanted)
         while len(out) < len(wanted_set):
             t0 = time.perf_counter()
             frame = next(frames)
@@ -134,7 +134,7 @@ def probe_before(path: Path):
     packet, then opened the file afresh to decode its first frame for the size and rotation."""
     import av
 
-    from pipeline.video import ClipError, _rotation, choose_stream
+    from pipeline.video import ClipError, choose_stream
 
     container = av.open(str(path))
     stream = choose_stream(container.streams.video)
@@ -146,7 +146,7 @@ def probe_before(path: Path):
         first = next(iter(container.decode(stream)), None)
     if not pts or first is None:
         raise ClipError("no decodable frame")
-    return len(pts), first.width, first.height, _rotation(first)
+    return len(pts), first.width, first.height, int(round((first.rotation or 0) / 90)) % 4 * 90
 
 
 def _echo(conn) -> None:

@@ -290,7 +290,7 @@ def _to_rgb(frame, rotation: int) -> np.ndarray:
     return rgb
 
 
-def _decoded(container, stream, rank: dict | None, wanted: set, skip_unwanted: bool):
+def decode_stream(container, stream, rank: dict | None, wanted: set, skip_unwanted: bool):
     """container.decode(stream), with the decoder told to skip each unwanted frame that no
     other frame refers to (FFmpeg's skip_frame "NONREF": about half the frames of an H.264
     clip with B-frames, and ones no wanted frame can depend on, so the wanted frames come
@@ -341,7 +341,7 @@ def _read_video(path: Path, info: ClipInfo, wanted: list[int], seek_min_gap: int
                 except av.FFmpegError:
                     can_seek = False  # the position is unchanged: decode through from here
             if frames is None:
-                frames = _decoded(container, stream, rank, wanted_set, skip_unwanted)
+                frames = decode_stream(container, stream, rank, wanted_set, skip_unwanted)
             ended = True
             try:
                 for frame in frames:

@@ -489,7 +489,7 @@ def test_unwanted_non_reference_frames_are_skipped_and_the_wanted_ones_are_the_s
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             return {rank[f.pts]: f.to_ndarray(format="rgb24")
-                    for f in video._decoded(container, stream, rank, set(wanted), skip)}
+                    for f in video.decode_stream(container, stream, rank, set(wanted), skip)}
 
     everything, skipped = decoded(False), decoded(True)
     assert sorted(everything) == list(range(48))
