@@ -82,6 +82,10 @@ BENCHMARKS = (
     Benchmark("decode", "bench_decode.py",
               "decoding: seeking to keyframes against decoding straight through",
               quick_args=("--size", "640x360", "--frames", "120", "--repeats", "1")),
+    Benchmark("persons", "bench_persons.py",
+              "the person detector (--context body without a box file) per frame, against the "
+              "face detector, on three real frame sizes",
+              quick_args=("--repeats", "3")),
     Benchmark("verify", "bench_verify.py",
               "store damage checks: zstd checksums and the missing-chunk check at train-head's "
               "load, and a full `info --verify`",
