@@ -129,7 +129,6 @@ class FaceDetector:
         self.model = model
         self.min_score = float(min_score)
         self._detector = None
-        self._warm = False
 
     def _create(self):
         data = load_model_bytes(self.model)
@@ -152,12 +151,11 @@ class FaceDetector:
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
             raise ValueError(f"expected uint8 RGB [H, W, 3], got {rgb.dtype} {rgb.shape}")
         image = mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(rgb))
-        if self._warm:
+        # Every call, not only the first: LiteRT logs a memory-alignment notice (once) on the
+        # first call whose input buffer happens to be misaligned, which may be any call. The
+        # dup2 pair costs microseconds against the detector's milliseconds.
+        with quiet_stderr():
             result = self._detector.detect(image)
-        else:  # the first call logs the delegate set-up and a memory-alignment notice
-            with quiet_stderr():
-                result = self._detector.detect(image)
-            self._warm = True
         best = max(result.detections, key=lambda d: d.categories[0].score, default=None)
         if best is None:
             return Detection(None, 0.0)
