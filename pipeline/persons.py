@@ -137,7 +137,6 @@ class PersonDetector:
         self.min_score = float(min_score)
         self.num_threads = int(num_threads)
         self._interpreter = None
-        self._warm = False
 
     def _create(self):
         data = load_model_bytes()
@@ -181,12 +180,8 @@ class PersonDetector:
             self._create()
         tensor, side, left, top = self._input_tensor(rgb)
         self._interpreter.set_tensor(self._input, tensor)
-        if self._warm:
+        with quiet_stderr():  # every call, as the face detector: LiteRT's notices may come with any
             self._interpreter.invoke()
-        else:
-            with quiet_stderr():
-                self._interpreter.invoke()
-            self._warm = True
         raw = self._interpreter.get_tensor(self._raw_boxes)[0].astype(np.float64)
         logits = self._interpreter.get_tensor(self._raw_scores)[0, :, 0].astype(np.float64)
         scores = 1 / (1 + np.exp(-np.clip(logits, -100, 100)))
