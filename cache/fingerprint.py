@@ -33,13 +33,15 @@ FINGERPRINT_OPTIONS = {
     "context": "--context",
     "body_boxes": "--body-boxes",
     "context_resize": "--context-resize",
+    "downscale": "--downscale",
 }
 
 # The preprocessing choices added after format 1 was fixed, with the value a store that does
 # not record them was built with (caer-kit's own preprocessing then).
 FINGERPRINT_DEFAULTS = {"frame_order": "natural", "frame_count": "disk",
                         "frame_sampling": "caer", "frame_decode": "caer", "face_crop": "caer",
-                        "context": "full", "body_boxes": None, "context_resize": "caer"}
+                        "context": "full", "body_boxes": None, "context_resize": "caer",
+                        "downscale": "exact"}
 
 
 def make_fingerprint(*, clip_spec: str, clip_revision: str, feature_dim: int, image_size: int,

@@ -68,6 +68,11 @@ def required_fingerprint(run_config: dict) -> dict:
     """
     wanted = {k: v for k, v in (run_config.get("preprocessing") or {}).items()
               if k in FINGERPRINT_OPTIONS}
+    from heads.run import PREPROCESSING_KEYS
+
+    for k in PREPROCESSING_KEYS:  # a choice the run predates was made as stores then made it
+        if k in FINGERPRINT_DEFAULTS:
+            wanted.setdefault(k, FINGERPRINT_DEFAULTS[k])
     wanted["labels"] = _class_names(run_config.get("labels"))
     if reencodes_crops(run_config):
         wanted["pixels"] = True
@@ -154,6 +159,8 @@ def extract_command(run_config: dict, run_dir: str | Path, split: str = "test") 
     preset = PRESETS["original"]
     keys = ["segments", "normalize", "face_resize", "face_margin", "face_model",
             "min_face_score"]
+    for k, v in FINGERPRINT_DEFAULTS.items():  # a choice the run predates: the default then
+        fp.setdefault(k, v)
     if all(fp.get(k) == v for k, v in preset.items()):
         args += ["--preset", "original"]
         keys = [k for k in keys if k not in preset]

@@ -131,7 +131,7 @@ def _redecode(cfg: ExplainConfig, fp: dict, clip, frames: np.ndarray, boxes: np.
                     frame_sampling=choices["frame_sampling"],
                     frame_decode=choices["frame_decode"], face_crop=choices["face_crop"],
                     context=choices["context"], context_resize=choices["context_resize"],
-                    body_source="file",
+                    downscale=choices["downscale"], body_source="file",
                     body_box=None if body is None else [float(v) for v in body])
     crops = prepare_clip(task)
     if crops.status != "ok":
@@ -146,18 +146,13 @@ def path_inputs(cfg: ExplainConfig, run_config: dict, model) -> list[ClipInput]:
     """Clips given as paths, prepared as predict prepares them (the run's preprocessing)."""
     from pathlib import Path
 
-    from heads.predict import run_preprocessing
-    from pipeline.prepare import ClipTask, prepare_clip
+    from heads.predict import clip_task, run_preprocessing
+    from pipeline.prepare import prepare_clip
 
     prep = run_preprocessing(run_config, int(model.clip.config.vision_config.image_size))
     out = []
     for index, path in enumerate(cfg.paths):
-        task = ClipTask(index=index, path=str(path), listed_frames=-1,
-                        segments=prep["segments"], candidates=1, face_model=prep["face_model"],
-                        min_face_score=prep["min_face_score"], face_margin=prep["face_margin"],
-                        face_resize=prep["face_resize"], image_size=prep["image_size"],
-                        boxes=None)
-        crops = prepare_clip(task)
+        crops = prepare_clip(clip_task(index, path, prep))
         if crops.status != "ok":
             raise CaerError(f"{path}: cannot be explained: {crops.reason}")
         out.append(ClipInput(Path(path).name or str(path), None, crops.face[:, 0],

@@ -77,9 +77,13 @@ def run_preprocessing(run_config: dict, image_size: int) -> dict:
     values["normalize"] = prep.get("normalize", "clip")
     from pipeline.config import PRESETS
 
-    # The crop choices (extract --preset and its options); frames are the clip's as found.
+    from cache.fingerprint import FINGERPRINT_DEFAULTS
+
+    # The crop choices (extract --preset and its options); frames are the clip's as found. A
+    # choice the run does not record was made before it existed: the fingerprint's default.
     for key, default in PRESETS["caer"].items():
         if key not in ("normalize", "frame_count"):
+            default = FINGERPRINT_DEFAULTS.get(key, default)
             values[key] = prep.get(key, trained_on.get(key, default))
     if trained_on.get("face_boxes"):
         log.warning("the run was trained on faces from a --face-boxes file; predict finds faces "
@@ -91,13 +95,29 @@ def run_preprocessing(run_config: dict, image_size: int) -> dict:
     return values
 
 
+def clip_task(index: int, path, prep: dict):
+    """The task extract builds for a clip, under the run's preprocessing (run_preprocessing),
+    with one frame per segment (its middle) and the built-in detectors."""
+    from pipeline.prepare import ClipTask
+
+    return ClipTask(index=index, path=str(path), listed_frames=-1,
+                    segments=prep["segments"], candidates=1,
+                    face_model=prep["face_model"], min_face_score=prep["min_face_score"],
+                    face_margin=prep["face_margin"], face_resize=prep["face_resize"],
+                    image_size=prep["image_size"], boxes=None,
+                    **{k: prep[k] for k in ("frame_order", "frame_sampling", "frame_decode",
+                                            "face_crop", "context", "context_resize",
+                                            "downscale")},
+                    body_source="detector")
+
+
 def predict(cfg: PredictConfig, progress: bool = True) -> Predictions:
     """Predict every path; a clip that fails is recorded with its reason, never raised."""
     from tqdm import tqdm
 
     from cache.core.runtime import check_device
     from heads.run import load_run, read_run_config
-    from pipeline.prepare import ClipTask, prepare_clip
+    from pipeline.prepare import prepare_clip
 
     cfg.validate()
     run_config = read_run_config(cfg.run)
@@ -111,16 +131,7 @@ def predict(cfg: PredictConfig, progress: bool = True) -> Predictions:
     result = Predictions(str(cfg.run), classes, prep)
     for index, path in enumerate(tqdm(cfg.paths, desc="predict", unit="clip", leave=False,
                                       disable=not progress or len(cfg.paths) < 2)):
-        # Exactly the task extract builds for a clip, with one frame per segment (its middle).
-        task = ClipTask(index=index, path=str(path), listed_frames=-1,
-                        segments=prep["segments"], candidates=1,
-                        face_model=prep["face_model"], min_face_score=prep["min_face_score"],
-                        face_margin=prep["face_margin"], face_resize=prep["face_resize"],
-                        image_size=prep["image_size"], boxes=None,
-                        **{k: prep[k] for k in ("frame_order", "frame_sampling", "frame_decode",
-                                                "face_crop", "context", "context_resize")},
-                        body_source="detector")
-        crops = prepare_clip(task)
+        crops = prepare_clip(clip_task(index, path, prep))
         if crops.status != "ok":
             result.clips.append(ClipPrediction(str(path), "failed", reason=crops.reason))
             log.warning("%s: %s", path, crops.reason)

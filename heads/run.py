@@ -57,7 +57,7 @@ CONFIG, WEIGHTS, CLIP_DIR = "config.json", "head.safetensors", "clip"
 # Cache fingerprint fields that decide what the model sees; evaluate compares them.
 PREPROCESSING_KEYS = ("normalize", "face_resize", "face_margin", "segments", "image_size",
                       "frame_order", "frame_count", "frame_sampling", "frame_decode",
-                      "face_crop", "context", "context_resize")
+                      "face_crop", "context", "context_resize", "downscale")
 _IMAGE_ENCODER = ("clip.vision_model.", "clip.visual_projection.")
 
 

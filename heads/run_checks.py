@@ -209,6 +209,13 @@ def check_run_config(config: dict, path: Path, head_config_class, preprocessing_
                  choices=PREPROCESSING_CHOICES["face_resize"])
     if "face_margin" in prep:
         f.integer(prep, "face_margin", "preprocessing.", minimum=0)
+    from pipeline.config import ExtractConfig, PRESETS
+
+    choices = {fd.name: fd.metadata["choices"] for fd in fields(ExtractConfig)
+               if fd.name in PRESETS["caer"] and "choices" in fd.metadata}
+    for name in PRESETS["caer"]:  # extract's preprocessing choices, as its options allow
+        if name in prep and name != "normalize":
+            f.string(prep, name, "preprocessing.", choices=choices[name])
     for name in ("segments", "image_size"):
         f.integer(prep, name, "preprocessing.", minimum=1)
     if prep["segments"] != model["segments"]:

@@ -139,7 +139,7 @@ def _extract_locked(cfg: ExtractConfig, d: Dist, session: WriteSession,
                           frame_order=cfg.frame_order, frame_count=cfg.frame_count,
                           frame_sampling=cfg.frame_sampling, frame_decode=cfg.frame_decode,
                           face_crop=cfg.face_crop, context=cfg.context,
-                          context_resize=cfg.context_resize,
+                          context_resize=cfg.context_resize, downscale=cfg.downscale,
                           body_boxes=_body_source(cfg, body_file))
 
     d.init()
@@ -239,7 +239,7 @@ def _run_share(cfg: ExtractConfig, d: Dist, writer: StoreWriter, clip, encoder: 
             frame_order=cfg.frame_order, frame_count=cfg.frame_count,
             frame_sampling=cfg.frame_sampling, frame_decode=cfg.frame_decode,
             face_crop=cfg.face_crop, context=cfg.context,
-            context_resize=cfg.context_resize,
+            context_resize=cfg.context_resize, downscale=cfg.downscale,
             body_source="file" if body_file is not None else "detector",
             body_box=entry["body"]))
     t0 = time.perf_counter()

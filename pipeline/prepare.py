@@ -47,6 +47,7 @@ class ClipTask:
     face_crop: str | None = "caer"
     context: str | None = "full"
     context_resize: str | None = "caer"
+    downscale: str = "fast"  # how caer-kit's crops shrink a large image (pipeline/crops.py)
     body_source: str = "detector"  # "file": body_box below, from --body-boxes
     body_box: list | None = None
 
@@ -243,22 +244,22 @@ def _croppers(task: ClipTask, body):
     from pipeline import original
     from pipeline.crops import crop_box, face_crop, letterbox
 
-    size, margin = task.image_size, task.face_margin
+    size, margin, downscale = task.image_size, task.face_margin, task.downscale
     if task.face_crop == "original":
         def face(frame, box):
             return original.face_crop(frame.array, box, margin, size)
     else:
         def face(frame, box):
-            return face_crop(frame, box, margin, size, task.face_resize)
+            return face_crop(frame, box, margin, size, task.face_resize, downscale)
     if task.context_resize == "original":
         def context(frame):
             return original.context_crop(frame.array, body, size)
     else:
         def context(frame):
             if body is None:
-                return letterbox(frame, size)
+                return letterbox(frame, size, downscale)
             x0, y0, x1, y1 = crop_box(body, frame.width, frame.height, margin=0)
-            return letterbox(frame.array[y0:y1, x0:x1], size)
+            return letterbox(frame.array[y0:y1, x0:x1], size, downscale)
     return face, context
 
 

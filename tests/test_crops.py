@@ -161,3 +161,51 @@ def test_frame_of_a_pil_image_is_its_rgb_array(astronaut):
         assert np.array_equal(letterbox(frame, 96), letterbox(rgb, 96))
     gray = Frame(astronaut[..., 0])  # a 2-D array becomes three equal channels
     assert gray.array.shape == (512, 512, 3) and (gray.array[..., 2] == astronaut[..., 0]).all()
+
+
+# ---- downscale: "fast" is PIL's own two-step resize, "exact" the one bicubic pass
+
+
+def test_fast_downscale_is_pils_reducing_gap_resize_and_close_to_exact(astronaut, carphone):
+    from PIL import Image
+
+    from pipeline.crops import Frame
+
+    frames = _frames_of(astronaut, carphone)
+    big = np.asarray(Image.fromarray(astronaut).resize((1920, 1080), Image.BICUBIC))  # RAER's
+    for name, rgb in {**frames, "1080p": big}.items():
+        h, w = rgb.shape[:2]
+        image = Image.fromarray(rgb)
+        scale = 224 / max(h, w)
+        new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+        for frame in (Frame(rgb), rgb):
+            fast = face_crop(frame, None, 20, 224, "squash", "fast")
+            want = np.asarray(image.resize((224, 224), Image.BICUBIC, reducing_gap=2.0))
+            assert np.array_equal(fast, want), name
+            boxed = letterbox(frame, 224, "fast")
+            top, left = (224 - new_h) // 2, (224 - new_w) // 2
+            want = np.asarray(image.resize((new_w, new_h), Image.BICUBIC, reducing_gap=2.0))
+            assert np.array_equal(boxed[top:top + new_h, left:left + new_w], want), name
+            assert not boxed[:top].any() and not boxed[top + new_h:].any()
+        exact = face_crop(Frame(rgb), None, 20, 224, "squash", "exact")
+        assert np.array_equal(exact, face_crop(rgb, None, 20, 224, "squash")), name
+        diff = np.abs(fast.astype(int) - exact)
+        if w >= 4 * 224 or h >= 4 * 224:  # a real two-step shrink: other bytes, close ones
+            assert diff.max() > 0, name
+            assert diff.max() <= 12 and diff.mean() < 1.0, (name, diff.max(), diff.mean())
+        else:  # less than 4x per axis: no box-averaging step, the same bytes
+            assert diff.max() == 0, name
+
+
+def test_a_face_region_shrunk_less_than_4x_is_the_same_either_way(astronaut):
+    from pipeline.crops import Frame
+
+    frame = Frame(astronaut)
+    box = (180, 60, 330, 230)  # the face: a 190 px crop with the margin
+    for resize in ("squash", "letterbox"):
+        assert np.array_equal(face_crop(frame, box, 20, 224, resize, "fast"),
+                              face_crop(frame, box, 20, 224, resize, "exact"))
+    assert np.array_equal(face_crop(frame, box, 20, 64, "squash", "fast"),
+                          face_crop(frame, box, 20, 64, "squash", "exact"))  # 3.0x
+    with pytest.raises(ValueError, match="downscale must be one of"):
+        face_crop(frame, box, 20, 224, "squash", "quick")

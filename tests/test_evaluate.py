@@ -224,6 +224,7 @@ def test_bad_split_or_column_is_refused_and_nothing_is_written(setup, tmp_path, 
 @pytest.mark.parametrize("change,option", [
     ({"normalize": "none"}, "--normalize"),
     ({"face_resize": "letterbox"}, "--face-resize"),
+    ({"downscale": "fast"}, "--downscale"),
     ({"clip_revision": "other-weights"}, "--clip"),
 ])
 def test_mismatched_cache_is_refused_with_the_extract_command(setup, tmp_path, tiny, change,
@@ -330,3 +331,22 @@ def test_hdf5_cache_gives_the_same_predictions_and_damaged_features_are_refused(
         evaluate(EvaluateConfig(run=str(run), cache=str(tmp_path / "nan.zarr"),
                                 out=str(tmp_path / "never")), progress=False)
     assert not (tmp_path / "never").exists()
+
+
+def test_a_run_made_before_downscale_asks_for_exact_crops(tmp_path):
+    """A run whose preprocessing predates --downscale was trained on "exact" crops (what every
+    store was then): evaluate asks for those, and its extract command says so."""
+    from heads.evaluate import extract_command, required_fingerprint
+
+    preprocessing = {"normalize": "clip", "face_resize": "squash", "face_margin": 20,
+                     "segments": 16, "image_size": 224, "frame_order": "natural",
+                     "face_crop": "caer", "context": "full", "context_resize": "caer"}
+    old = {"kind": "train-head", "clip": {"spec": "random:tiny", "revision": "r"},
+           "model": {"feature_dim": 512}, "preprocessing": preprocessing}
+    assert required_fingerprint(old)["downscale"] == "exact"
+    command = extract_command(old, tmp_path / "run")
+    assert "--downscale exact" in command, command
+    cli.main.commands["extract"].make_context("extract", command.split()[3:])
+    new = {**old, "preprocessing": {**preprocessing, "downscale": "fast"}}
+    assert required_fingerprint(new)["downscale"] == "fast"
+    assert "--downscale" not in extract_command(new, tmp_path / "run")

@@ -479,3 +479,25 @@ def test_hdf5_resumes_from_its_staging_store_and_appends(dataset, tiny_clip_dir,
     summary = run_extract(_cfg(dataset, tiny_clip_dir, cache, annotations=(
         str(dataset / "few.csv"), str(dataset / "more.txt")), split=("", "extra")))
     assert summary.n_done_now == 0 and cache.read_bytes() == before
+
+
+def test_downscale_is_recorded_and_a_store_made_before_it_extends_only_with_exact(
+        dataset, tiny_clip_dir, reference, tmp_path):
+    import zarr
+
+    assert open_store(reference).fingerprint["downscale"] == "fast"  # the default
+    assert ExtractConfig(preset="original").resolved().downscale == "exact"
+    cache = tmp_path / "old.zarr"
+    shutil.copytree(reference, cache)
+    group = zarr.open_group(str(cache), mode="r+")  # as a store made before the option
+    caer = dict(group.attrs["caer_kit"])
+    caer["fingerprint"] = {k: v for k, v in caer["fingerprint"].items() if k != "downscale"}
+    group.attrs["caer_kit"] = caer
+    assert open_store(cache).fingerprint.get("downscale") is None
+    before = _tree(cache)
+    with pytest.raises(CaerError) as err:
+        run_extract(_cfg(dataset, tiny_clip_dir, cache))
+    assert '--downscale (store "exact", now "fast")' in str(err.value)
+    assert _tree(cache) == before
+    summary = run_extract(_cfg(dataset, tiny_clip_dir, cache, downscale="exact"))
+    assert (summary.n_ok, summary.n_failed) == (5, 1)

@@ -114,3 +114,40 @@ def test_predict_agrees_with_extract_then_evaluate(run, clips, tmp_path):
     for name, clip in zip(names, direct.clips):
         np.testing.assert_allclose(list(clip.probabilities.values()),
                                    cached.loc[name].to_numpy(), atol=1e-4)
+
+
+def test_predict_crops_a_clip_with_the_runs_downscale(tmp_path, astronaut):
+    """predict (and explain, through the same clip_task) cut a clip as the run's training
+    cache was cut; a run that predates --downscale gets the "exact" crops stores then held."""
+    from PIL import Image
+
+    from heads.predict import clip_task, run_preprocessing
+    from pipeline.config import PRESETS
+    from pipeline.crops import Frame, face_crop, letterbox
+    from pipeline.prepare import prepare_clip
+
+    frame = np.asarray(Image.fromarray(astronaut).resize((1920, 1080), Image.BICUBIC))
+    folder = write_frame_folder(tmp_path / "hd", [frame] * 4)
+    decoded = np.asarray(Image.open(folder / "1.jpg").convert("RGB"))
+    old = {"model": {"segments": SEGMENTS},
+           "cache_fingerprint": {"face_resize": "squash", "face_margin": 20}}
+    new = {"model": {"segments": SEGMENTS},
+           "cache_fingerprint": {"face_resize": "squash", "face_margin": 20,
+                                 "downscale": "fast"}}
+    crops = {}
+    for name, run_config in (("old", old), ("new", new)):
+        prep = run_preprocessing(run_config, 224)
+        task = clip_task(0, folder, prep)
+        for key in PRESETS["caer"]:
+            if key not in ("normalize", "frame_count"):
+                assert getattr(task, key) == prep[key], key
+        crops[name] = prepare_clip(task)
+        assert crops[name].status == "ok", crops[name].reason
+    assert (run_preprocessing(old, 224)["downscale"], run_preprocessing(new, 224)["downscale"]) \
+        == ("exact", "fast")
+    for name, downscale in (("old", "exact"), ("new", "fast")):
+        assert np.array_equal(crops[name].context[0, 0], letterbox(decoded, 224, downscale))
+        box = crops[name].box[0, 0] if crops[name].found[0, 0] else None
+        assert np.array_equal(crops[name].face[0, 0],
+                              face_crop(Frame(decoded), box, 20, 224, "squash", downscale))
+    assert not np.array_equal(crops["old"].context, crops["new"].context)

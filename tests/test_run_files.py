@@ -78,6 +78,8 @@ def _set(path, value):
     (("preprocessing",), KeyError, "preprocessing: missing"),
     (("preprocessing", "normalize"), "imagenet",
      'preprocessing.normalize: is "imagenet", expected one of clip, none'),
+    (("preprocessing", "downscale"), "quick",
+     'preprocessing.downscale: is "quick", expected one of fast, exact'),
     (("kind",), "train", 'kind: is "train", expected one of train-head, finetune, import-official'),
     (("clip", "dir"), "../../elsewhere", 'clip.dir: is "../../elsewhere", expected a folder name'),
     (("prompts", "token_ids"), [[1, 2]], "prompts.token_ids: holds 1 prompts for 5 classes"),
