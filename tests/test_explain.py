@@ -198,7 +198,8 @@ def extracted(tmp_path_factory, carphone):
     model = _tiny_model()
     run = save_run(root / "run", model, kind="train-head", train_options={},
                    cache_fingerprint=None, save_clip=True,
-                   preprocessing={"face_resize": "squash", "face_margin": 20, "segments": S})
+                   preprocessing={"face_resize": "squash", "face_margin": 20, "segments": S,
+                                  "downscale": "fast"})
     return {"root": root, "run": run, "video": video, "folder": folder}
 
 

@@ -41,7 +41,8 @@ def run(tmp_path_factory):
     model = CaerModel(HeadConfig(segments=SEGMENTS), build_random_clip("tiny"), RAER5)
     path = tmp_path_factory.mktemp("predict") / "run"
     return save_run(path, model, kind="train-head", train_options={}, cache_fingerprint=None,
-                    save_clip=True, preprocessing={"face_resize": "squash", "face_margin": 20})
+                    save_clip=True, preprocessing={"face_resize": "squash", "face_margin": 20,
+                                                    "downscale": "fast"})
 
 
 def test_predict_labels_real_clips_and_reports_unreadable_ones(run, clips):
