@@ -101,6 +101,12 @@ class StoreWriter(FeatureStore):
             raise StoreError(f"{path}: no such store")
         with write_every_chunk():
             super().__init__(path, zarr.open_group(str(path), mode="r+"), "zarr")
+        self._handles = {}  # name -> zarr array: opening one reads its metadata from disk
+
+    def _array(self, name: str):
+        if name not in self._handles:
+            self._handles[name] = self._root[name]
+        return self._handles[name]
 
     def extend(self, rows: list[ClipRow], metadata_columns: list[str]) -> None:
         """Add pending clips. Safe to repeat after a kill: the commit is ``n_clips``."""
@@ -112,6 +118,7 @@ class StoreWriter(FeatureStore):
             _write_rows(self._root, n_old, _static_columns(rows))
             self._root.attrs["caer_kit"] = caer_attrs(n_new, self.fingerprint, columns,
                                                        self.integrity)
+        self._handles = {}  # their shapes changed
         self.n_clips, self.metadata_columns, self._manifest = n_new, columns, None
         self._ok = None
 
@@ -149,24 +156,24 @@ class StoreWriter(FeatureStore):
         self._manifest, self._ok = None, None
 
     def _write_clip(self, i: int, result: ClipResult) -> None:
-        r = self._root
+        a = self._array
         for name, value in (("clips/reason", result.reason), ("clips/note", result.note),
                             ("clips/n_frames", result.n_frames), ("clips/fps", result.fps),
                             ("clips/width", result.width), ("clips/height", result.height)):
-            r[name][i] = value
+            a(name)[i] = value
         if result.status == "ok":
-            r["frames/index"][i] = result.frame_index
-            r["faces/box"][i] = result.box
-            r["faces/score"][i] = result.score
-            r["faces/found"][i] = result.found
+            a("frames/index")[i] = result.frame_index
+            a("faces/box")[i] = result.box
+            a("faces/score")[i] = result.score
+            a("faces/found")[i] = result.found
             if "body/box" in self._specs:
-                r["body/box"][i] = (np.full(4, np.nan, np.float32) if result.body_box is None
+                a("body/box")[i] = (np.full(4, np.nan, np.float32) if result.body_box is None
                                     else result.body_box)
             for view, value in result.features.items():
-                r[f"features/{view}"][i] = np.asarray(value, dtype=np.float16)
+                a(f"features/{view}")[i] = np.asarray(value, dtype=np.float16)
             for stream, value in result.pixels.items():
-                r[f"pixels/{stream}"][i] = value
-        r["clips/status"][i] = STATUS_NAMES.index(result.status)
+                a(f"pixels/{stream}")[i] = value
+        a("clips/status")[i] = STATUS_NAMES.index(result.status)
 
     def reset_failed(self) -> int:
         """Mark failed clips pending again (``--retry-failed``); returns how many."""
