@@ -394,6 +394,7 @@ def summarise(kind: str, s: dict) -> dict:
             "stages_s": {k: round(v, 5) for k, v in s.items() if not k.startswith("_")},
             "downscale": s["_downscale"],
             "cpu_side_s": round(cpu, 4), "encoder_share_serial": round(s["encoding"] / total, 3),
+            "cpu_side_for_share_0.8_s": round(s["encoding"] / 4, 4),
             "exact_cpu_side_s": round(exact, 4),
             "exact_encoder_share_serial": round(s["encoding"] / (exact + s["encoding"]), 3),
             "fast_vs_exact_grey_levels": {"max": s["_fast vs exact: max grey levels"],
@@ -420,7 +421,10 @@ def figures(breakdowns: list[dict]) -> list[dict]:
                         "unit": "ms/clip"})
         out.append({"name": f"{name}: encoder share of the serial per-clip time",
                     "value": b["encoder_share_serial"], "unit": "fraction", "goal": ">= 0.8",
-                    "met": b["encoder_share_serial"] >= 0.8})
+                    "met": b["encoder_share_serial"] >= 0.8,
+                    "note": f"a share of 0.8 needs a CPU side of at most "
+                            f"{1e3 * b['cpu_side_for_share_0.8_s']:.0f} ms (a quarter of this "
+                            f"encoding time); it is {1e3 * b['cpu_side_s']:.0f} ms"})
         grey = b["fast_vs_exact_grey_levels"]
         out.append({"name": f"{name}: CPU side, fa81252 -> --downscale exact -> --downscale "
                             f"fast (the default), same run", "unit": "ms/clip",
