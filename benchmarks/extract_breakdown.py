@@ -342,7 +342,7 @@ def stages(clip_path: Path, *, clip_spec: str, precision: str, repeats: int) -> 
                           normalize=cfg.normalize, face_model=cfg.face_model,
                           face_margin=cfg.face_margin, min_face_score=cfg.min_face_score,
                           face_resize=cfg.face_resize, face_boxes=None,
-                          labels=load_label_set(cfg.labels))
+                          labels=load_label_set(cfg.labels), downscale=cfg.downscale)
     features = np.zeros((cfg.segments, cfg.candidates, clip.feature_dim), np.float16)
     clip_result = ClipResult("ok", n_frames=result.n_frames, fps=result.fps,
                              width=result.width, height=result.height,

@@ -44,8 +44,9 @@ def medians(paths: list[Path]) -> dict[str, dict[str, float]]:
                                ("exact share", b["exact_encoder_share_serial"]),
                                ("share", b["encoder_share_serial"])):
                 row.setdefault(key, []).append(value)
-        for r in results.get("runs", []):
-            if r["kind"] in rows:
+        precisions = {b["kind"]: b["precision"] for b in results.get("breakdown", [])}
+        for r in results.get("runs", []):  # the breakdown's own: K=1, its precision
+            if r["kind"] in rows and r["K"] == 1 and r["precision"] == precisions[r["kind"]]:
                 rows[r["kind"]].setdefault("share in the pipeline", []).append(
                     r["encode_in_pipeline_s"] / r["extract_s"])
     return {kind: {k: statistics.median(v) for k, v in row.items()} | {"runs": len(paths)}

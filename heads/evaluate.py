@@ -70,9 +70,10 @@ def required_fingerprint(run_config: dict) -> dict:
               if k in FINGERPRINT_OPTIONS}
     from heads.run import PREPROCESSING_KEYS
 
-    for k in PREPROCESSING_KEYS:  # a choice the run predates was made as stores then made it
-        if k in FINGERPRINT_DEFAULTS:
-            wanted.setdefault(k, FINGERPRINT_DEFAULTS[k])
+    trained_on = run_config.get("cache_fingerprint") or {}
+    for k in PREPROCESSING_KEYS:  # as heads.predict.run_preprocessing fills them in: a choice
+        if k in FINGERPRINT_DEFAULTS:  # the run predates was made as stores then made it
+            wanted.setdefault(k, trained_on.get(k, FINGERPRINT_DEFAULTS[k]))
     wanted["labels"] = _class_names(run_config.get("labels"))
     if reencodes_crops(run_config):
         wanted["pixels"] = True

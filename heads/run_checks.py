@@ -214,7 +214,7 @@ def check_run_config(config: dict, path: Path, head_config_class, preprocessing_
     choices = {fd.name: fd.metadata["choices"] for fd in fields(ExtractConfig)
                if fd.name in PRESETS["caer"] and "choices" in fd.metadata}
     for name in PRESETS["caer"]:  # extract's preprocessing choices, as its options allow
-        if name in prep and name != "normalize":
+        if name in prep and name != "normalize" and name in choices:
             f.string(prep, name, "preprocessing.", choices=choices[name])
     for name in ("segments", "image_size"):
         f.integer(prep, name, "preprocessing.", minimum=1)

@@ -175,6 +175,10 @@ class ExtractConfig:
         if self.body_boxes is not None and self.context != "body":
             raise CaerError("--body-boxes is used only with --context body; drop --context "
                             "full or the box file")
+        if self.downscale == "fast" and self.face_crop == self.context_resize == "original":
+            raise CaerError("--downscale fast changes only caer-kit's crops, and --face-crop "
+                            "original with --context-resize original leaves none; drop "
+                            "--downscale (the store would record a choice that changed nothing)")
 
 
 CHOICES = {f.name: f.metadata["choices"] for f in fields(ExtractConfig)

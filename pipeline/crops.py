@@ -5,12 +5,12 @@ look like the images CLIP was trained on. (PIL's bicubic antialiases when it shr
 1920x1080 frame going down to 224 needs.)
 
 ``downscale`` says how a large shrink is done (extract --downscale; the store records it):
-"exact" is one bicubic resize, whose kernel spans 2 x the shrink factor in source pixels (34
+"exact" is one bicubic resize, whose kernel spans 4 x the shrink factor in source pixels (34
 taps across a 1920-wide frame going to 224). "fast" is PIL's own two-step resize,
 ``Image.resize(size, BICUBIC, reducing_gap=2.0)``: each axis is first box-averaged by the whole
 factor that leaves bicubic at least a 2x shrink, then bicubic as before. A 1920x1080 frame
-squashed to 224x224 takes a third of the time and lies within 8 grey levels of "exact" (0.7 on
-average; benchmarks/extract_breakdown.py measures both). A crop that shrinks by less than 4x
+squashed to 224x224 takes a third of the time and lies within about 10 grey levels of
+"exact" (0.2-0.7 on average; benchmarks/extract_breakdown.py measures both). A crop that shrinks by less than 4x
 comes out the same either way.
 """
 

@@ -47,7 +47,9 @@ class ClipTask:
     face_crop: str | None = "caer"
     context: str | None = "full"
     context_resize: str | None = "caer"
-    downscale: str = "fast"  # how caer-kit's crops shrink a large image (pipeline/crops.py)
+    # How caer-kit's crops shrink a large image (pipeline/crops.py). Like every choice above,
+    # the default is the value of a store that does not record it, not extract's default.
+    downscale: str = "exact"
     body_source: str = "detector"  # "file": body_box below, from --body-boxes
     body_box: list | None = None
 

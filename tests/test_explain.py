@@ -253,3 +253,73 @@ def test_an_unknown_target_is_refused(known, tmp_path):
         explain(ExplainConfig(run=str(known / "run"), cache=str(known / "c.zarr"),
                               split="test", target="Joy", out=str(tmp_path / "o")))
     assert not (tmp_path / "o").exists()
+
+
+def test_a_path_is_cut_with_the_runs_preprocessing_as_predict_cuts_it(extracted):
+    """explain's clips given as paths go through predict's clip_task: the run's --downscale
+    (fast here) on a 1080p folder, where fast and exact crops differ."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from conftest import write_frame_folder
+    from heads.explain_inputs import path_inputs
+    from heads.predict import clip_task, run_preprocessing
+    from heads.run import load_run, read_run_config
+    from pipeline.prepare import prepare_clip
+    from skimage import data
+
+    frame = np.asarray(Image.fromarray(data.astronaut()).resize((1920, 1080), Image.BICUBIC))
+    hd = write_frame_folder(extracted["root"] / "hd_frames", [frame] * 4)
+    run = extracted["run"]
+    config = read_run_config(run)
+    prep = run_preprocessing(config, 224)
+    assert prep["downscale"] == "fast"
+    [clip] = path_inputs(ExplainConfig(run=str(run), paths=(str(hd),), out="unused"), config,
+                         load_run(run))
+    want = prepare_clip(clip_task(0, hd, prep))
+    assert np.array_equal(clip.face, want.face[:, 0])
+    assert np.array_equal(clip.context, want.context[:, 0])
+    exact = prepare_clip(replace(clip_task(0, hd, prep), downscale="exact"))
+    assert not np.array_equal(clip.context, exact.context[:, 0])
+
+
+@pytest.mark.slow
+def test_crops_re_decoded_from_a_1080p_clip_use_the_stores_downscale(tmp_path, astronaut):
+    """A cache without stored crops is re-decoded with its own --downscale: the maps equal
+    those of the same clip's stored crops, for a fast store and an exact one (a 1080p frame
+    folder, where the two differ)."""
+    import pandas as pd
+    from PIL import Image
+
+    from conftest import write_frame_folder
+    from heads.run import save_run
+    from pipeline.extract import ExtractConfig, run_extract
+
+    frame = np.asarray(Image.fromarray(astronaut).resize((1920, 1080), Image.BICUBIC))
+    hd = write_frame_folder(tmp_path / "hd_frames", [frame] * 4)
+    table = tmp_path / "clips.csv"
+    pd.DataFrame({"path": [str(hd)], "label": ["Neutrality"], "split": "test",
+                  "id": ["hd"]}).to_csv(table, index=False)
+    maps = {}
+    for downscale in ("fast", "exact"):
+        run = save_run(tmp_path / f"run-{downscale}", _tiny_model(), kind="train-head",
+                       train_options={}, cache_fingerprint=None, save_clip=True,
+                       preprocessing={"face_resize": "squash", "face_margin": 20,
+                                      "segments": S, "downscale": downscale})
+        for name, pixels in (("pixels", True), ("features", False)):
+            cache = tmp_path / f"{downscale}-{name}.zarr"
+            summary = run_extract(ExtractConfig(
+                annotations=(str(table),), clip="random:tiny", segments=S, pixels=pixels,
+                downscale=downscale, workers=0, device="cpu", precision="fp32", quiet=True,
+                cache=str(cache)))
+            assert summary.n_ok == 1
+            out = tmp_path / f"cams-{downscale}-{name}"
+            explain(ExplainConfig(run=str(run), cache=str(cache), split="test", out=str(out)),
+                    progress=False)
+            maps[downscale, name] = dict(np.load(out / "0000-hd.npz"))
+        for key in NPZ_KEYS:
+            np.testing.assert_allclose(maps[downscale, "features"][key],
+                                       maps[downscale, "pixels"][key], rtol=1e-5, atol=1e-6)
+    assert any(not np.allclose(maps["fast", "pixels"][k], maps["exact", "pixels"][k])
+               for k in NPZ_KEYS)

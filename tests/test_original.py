@@ -489,6 +489,7 @@ def test_predict_crops_as_an_official_run_was_fed(caplog):
      "--face-crop original resizes the face as the original did"),
     (["--context", "full", "--body-boxes", "BODY"], "--body-boxes is used only with --context "
                                                     "body"),
+    (["--preset", "original", "--downscale", "fast"], "--downscale fast changes only"),
 ])
 def test_choices_that_cannot_go_together_exit_2_and_write_nothing(raer, tiny_clip_dir, tmp_path,
                                                                   args, message):
