@@ -44,24 +44,27 @@ def build_store_from_arrays(path, *, face, context, labels, splits, ids=None, fi
     label_set = load_label_set(fp["labels"])
     if n and (labels.min() < 0 or labels.max() >= len(label_set)):
         raise StoreError(f"labels must be in 0..{len(label_set) - 1}")
-    if path.exists():
-        raise StoreError(f"{path}: already exists")
-    from cache.lifecycle import remove_temporary
+    from cache.lock import StoreLock
 
-    target = staging_path(path) if is_hdf5(path) else path
-    if target != path:
-        remove_temporary(target)
-    rows = [ClipRow(ids[i], ids[i], int(labels[i]), splits[i]) for i in range(n)]
-    create_zarr(target, fp, rows, [], metadata)
-    writer = StoreWriter(target)
-    with write_every_chunk():
-        r = zarr.open_group(str(target), mode="r+")
-        _fill_arrays(r, n, s, k, face, context, face_flip, context_flip, pixels_face,
-                     pixels_context)
-    writer.close()
-    if is_hdf5(path):
-        export_hdf5(target, path)
-        remove_store(target)
+    with StoreLock(path):  # as extract: one writer per store, and a leftover removed under it
+        if path.exists():
+            raise StoreError(f"{path}: already exists")
+        from cache.lifecycle import remove_temporary
+
+        target = staging_path(path) if is_hdf5(path) else path
+        if target != path:
+            remove_temporary(target)
+        rows = [ClipRow(ids[i], ids[i], int(labels[i]), splits[i]) for i in range(n)]
+        create_zarr(target, fp, rows, [], metadata)
+        writer = StoreWriter(target)
+        with write_every_chunk():
+            r = zarr.open_group(str(target), mode="r+")
+            _fill_arrays(r, n, s, k, face, context, face_flip, context_flip, pixels_face,
+                         pixels_context)
+        writer.close()
+        if is_hdf5(path):
+            export_hdf5(target, path)
+            remove_store(target)
     return open_store(path)
 
 

@@ -126,3 +126,49 @@ def test_killed_extension_reads_up_to_committed_count(tmp_path):
     assert list(store.manifest.id) == ["a", "b", "c"]
     assert list(store.manifest.status) == ["ok", "failed", "pending"]
     assert store.features("face").shape[0] == 3
+
+
+def test_building_over_a_store_another_process_is_writing_is_refused_and_touches_nothing(
+        tmp_path):
+    """build_store_from_arrays takes the store's write lock as extract does: while another
+    process writes a .h5 store (its staging store open), building the same path is refused,
+    and the writer's staging store, which is positively caer-kit's, is left alone."""
+    import subprocess
+    import sys
+
+    from cache.layout import staging_path
+    from cache.lock import StoreBusy
+    from conftest import ROOT
+
+    cache = tmp_path / "s.h5"
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from cache import WriteSession, make_fingerprint
+from cache.layout import ClipRow
+from cache.core.labels import RAER5
+fp = make_fingerprint(clip_spec="random:tiny", clip_revision="r", feature_dim=8, image_size=224,
+                      segments=4, candidates=2, flip=False, pixels=False, normalize="clip",
+                      face_model="full", face_margin=20, min_face_score=0.5,
+                      face_resize="squash", face_boxes=None, labels=RAER5)
+session = WriteSession({str(cache)!r})
+session.prepare(fp, [ClipRow("c0", "/c0.mp4", 0, "train")], [])
+print("ready", flush=True)
+time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        staging = staging_path(cache)
+        before = sorted((p.relative_to(staging), p.read_bytes()) for p in staging.rglob("*")
+                        if p.is_file())
+        assert before
+        face, context = _arrays()
+        with pytest.raises(StoreBusy, match=f"pid {holder.pid}"):
+            build_store_from_arrays(cache, face=face, context=context, labels=[0] * 6,
+                                    splits="train", fingerprint={"labels": RAER5.as_dict()})
+        assert sorted((p.relative_to(staging), p.read_bytes()) for p in staging.rglob("*")
+                      if p.is_file()) == before
+        assert not cache.exists()
+    finally:
+        holder.kill()
+        holder.wait()
