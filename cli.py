@@ -85,7 +85,7 @@ def extract(**options):
       --face-crop original       int() box + 20 px margin, PIL crop, PIL bilinear to 224
       --context body             the body box (--body-boxes FILE, else a person detector)
       --context-resize original  OpenCV's resize to fit 224, the original's padding
-      --downscale exact          any caer-kit crop left in: one bicubic pass
+      --downscale exact          one bicubic pass (a caer-kit crop an option brings back)
       --normalize none           [0, 1] pixels without CLIP's mean/std
     An option given as well wins over the preset.
 

@@ -10,8 +10,8 @@ taps across a 1920-wide frame going to 224). "fast" is PIL's own two-step resize
 ``Image.resize(size, BICUBIC, reducing_gap=2.0)``: each axis is first box-averaged by the whole
 factor that leaves bicubic at least a 2x shrink, then bicubic as before. A 1920x1080 frame
 squashed to 224x224 takes a third of the time and lies within about 10 grey levels of
-"exact" (0.2-0.7 on average; benchmarks/extract_breakdown.py measures both). A crop that shrinks by less than 4x
-comes out the same either way.
+"exact" (0.2-0.7 on average; benchmarks/extract_breakdown.py measures both). A crop that
+shrinks by less than 4x on both axes comes out the same either way.
 """
 
 from __future__ import annotations
