@@ -86,6 +86,10 @@ BENCHMARKS = (
               "the person detector (--context body without a box file) per frame, against the "
               "face detector, on three real frame sizes",
               quick_args=("--repeats", "3")),
+    Benchmark("store-read", "bench_store_read.py",
+              "train-head's store read before its first step: the whole manifest against the "
+              "columns it needs, then the features; RAER-sized",
+              quick_args=("--clips", "40", "--repeats", "1")),
     Benchmark("verify", "bench_verify.py",
               "store damage checks: zstd checksums and the missing-chunk check at train-head's "
               "load, and a full `info --verify`",

@@ -102,7 +102,7 @@ class FeatureStore:
         self.metadata: dict = dict(_attrs(root).get("metadata", {}))
         self.labels: LabelSet = load_label_set(self.fingerprint["labels"])
         self._specs = array_specs(self.fingerprint)
-        self._manifest = None
+        self._manifest = None  # the clips/ arrays read so far, {name: values}; None: none
         self._ok = None  # status == ok per clip, for the missing-chunk check
 
     # arrays -------------------------------------------------------------
@@ -228,9 +228,22 @@ class FeatureStore:
     @property
     def manifest(self) -> pd.DataFrame:
         """One row per clip in store order (see docs/cache-format.md for the columns)."""
+        return self.clip_table()
+
+    def clip_table(self, columns=None) -> pd.DataFrame:
+        """The manifest's ``columns`` only (all of them when None), reading only the arrays
+        they come from: each per-clip column (status, n_frames, reason ...) is one chunk file
+        a clip, so train-head, which needs id, label, split and status, skips most of them."""
         if self._manifest is None:
-            self._manifest = _manifest(self)
-        return self._manifest.copy()
+            self._manifest = {}
+        cache = self._manifest
+
+        def read(name: str) -> np.ndarray:
+            if name not in cache:
+                cache[name] = self.array(f"clips/{name}")[:]
+            return cache[name]
+
+        return _clip_table(self, read, columns)
 
     def close(self) -> None:
         if self.backend == "hdf5":
@@ -246,26 +259,47 @@ class FeatureStore:
         return f"FeatureStore({str(self.path)!r}, n_clips={self.n_clips}, backend={self.backend})"
 
 
-def _manifest(store: FeatureStore) -> pd.DataFrame:
-    col = {name.split("/", 1)[1]: store.array(name)[:] for name in store._specs
-           if name.startswith("clips/")}
+def _clip_table(store: FeatureStore, read, columns) -> pd.DataFrame:
+    """The manifest's columns (docs/cache-format.md), in their order; ``read(name)`` gives the
+    values of array ``clips/<name>``."""
     names = store.labels.names
-    labels = col["label"].astype(np.int64)
-    frame = pd.DataFrame({
-        "id": col["id"].astype(str), "path": col["path"].astype(str), "label": labels,
-        "label_name": [names[i] if 0 <= i < len(names) else "" for i in labels],
-        "split": col["split"].astype(str)})
-    metadata = [json.loads(m) if m else {} for m in col["metadata"]]
+    builders = {
+        "id": lambda: read("id").astype(str),
+        "path": lambda: read("path").astype(str),
+        "label": lambda: read("label").astype(np.int64),
+        "label_name": lambda: [names[i] if 0 <= i < len(names) else ""
+                               for i in read("label").astype(np.int64)],
+        "split": lambda: read("split").astype(str),
+    }
+    metadata = {}
+
+    def meta(name):
+        if "rows" not in metadata:
+            metadata["rows"] = [json.loads(m) if m else {} for m in read("metadata")]
+        return [m.get(name, "") for m in metadata["rows"]]
+
+    # A name given twice keeps its first place and takes the later values, as assigning
+    # DataFrame columns one by one did (an annotation column may be called "status").
     for name in store.metadata_columns:
-        frame[name] = [m.get(name, "") for m in metadata]
-    listed = pd.Series(col["listed_frames"].astype(np.int64), dtype="Int64")
-    frame["listed_frames"] = listed.mask(listed < 0).array  # <NA>: not from a list file
+        builders[name] = lambda name=name: meta(name)
+
+    def listed():
+        values = pd.Series(read("listed_frames").astype(np.int64), dtype="Int64")
+        return values.mask(values < 0).array  # <NA>: not from a list file
+
+    builders["listed_frames"] = listed
     for name in ("n_frames", "fps", "width", "height"):
-        frame[name] = col[name]
-    frame["status"] = [STATUS_NAMES[int(s)] for s in col["status"]]
-    frame["reason"] = col["reason"].astype(str)
-    frame["note"] = col["note"].astype(str)
-    return frame
+        builders[name] = lambda name=name: read(name)
+    builders["status"] = lambda: [STATUS_NAMES[int(s)] for s in read("status")]
+    builders["reason"] = lambda: read("reason").astype(str)
+    builders["note"] = lambda: read("note").astype(str)
+    wanted = list(builders) if columns is None else list(columns)
+    unknown = [c for c in wanted if c not in builders]
+    if unknown:
+        raise StoreError(f"{store.path}: no manifest column {', '.join(map(repr, unknown))} "
+                         f"(it has: {', '.join(builders)})")
+    return pd.DataFrame({name: builders[name]() for name in wanted},
+                        index=pd.RangeIndex(store.n_clips))
 
 
 def _attrs(root) -> dict:

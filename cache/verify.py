@@ -112,7 +112,7 @@ def refuse_pending(store: FeatureStore, rows, what: str, allow_pending: bool) ->
     from cache.lock import writer_running
     from cache.core.errors import CaerError
 
-    status = store.manifest["status"].to_numpy()[np.asarray(rows, dtype=np.int64)]
+    status = store.clip_table(["status"])["status"].to_numpy()[np.asarray(rows, dtype=np.int64)]
     n_pending = int((status == "pending").sum())
     if not n_pending:
         return 0

@@ -190,7 +190,7 @@ def run_ablate(config: AblateConfig) -> dict:
     seeds = list(config.seeds)
     with open_store(config.cache) as store:
         fingerprint = store.fingerprint
-        manifest = store.manifest
+        manifest = store.clip_table(["label", "split", "status"])
         has_test = bool(((manifest["split"] == "test") & (manifest["status"] == "ok")).any())
         splits = split_clips(manifest, config.train.val_fraction, config.train.val_seed)
         baseline_rows, details = [], {}

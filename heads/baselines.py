@@ -65,7 +65,7 @@ def zero_shot(store, splits: Splits, streams: list[str]) -> list[dict]:
         raise CaerError(f"zero-shot: the cache was built with CLIP {fp['clip_spec']} revision "
                         f"{fp['clip_revision']}, but it now loads as revision {clip.revision}; "
                         f"its text features would not match the cached image features")
-    labels_all = store.manifest["label"].to_numpy()
+    labels_all = store.clip_table(["label"])["label"].to_numpy()
     classes = list(store.labels.names)
     roles = {"val": splits.val, "test": splits.test}
     labels = {r: labels_all[np.sort(rows)] for r, rows in roles.items()}
@@ -107,7 +107,7 @@ def linear_probe(store, splits: Splits) -> dict:
         raise CaerError("linear-probe chooses its regularisation on the validation split, and "
                         "there is none: set --val-fraction > 0, add a val split to the cache, "
                         "or pass --baselines zero-shot")
-    labels_all = store.manifest["label"].to_numpy()
+    labels_all = store.clip_table(["label"])["label"].to_numpy()
     classes = list(store.labels.names)
 
     def pooled(rows):

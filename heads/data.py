@@ -114,7 +114,8 @@ class FeatureBank:
     def __init__(self, store, rows: np.ndarray, with_flip: bool):
         rows = np.asarray(rows, np.int64)
         self.rows = rows
-        self.labels = torch.as_tensor(store.manifest["label"].to_numpy()[rows], dtype=torch.long)
+        table = store.clip_table(["id", "label"])
+        self.labels = torch.as_tensor(table["label"].to_numpy()[rows], dtype=torch.long)
         self.flip = with_flip and bool(store.fingerprint.get("flip"))
         self.views = {}
         for stream in ("face", "context"):
@@ -122,7 +123,7 @@ class FeatureBank:
             if self.flip:
                 self.views[(stream, True)] = _read_rows(store.features(stream, flip=True), rows)
         _, self.segments, self.candidates, self.dim = self.views[("face", False)].shape
-        ids = store.manifest["id"].to_numpy()[rows]
+        ids = table["id"].to_numpy()[rows]
         for (stream, flipped), value in self.views.items():
             bad = ~torch.isfinite(value).flatten(1).all(1)
             if bad.any():
@@ -316,8 +317,8 @@ class PixelClips(torch.utils.data.Dataset):
         fingerprint = self._store.fingerprint
         if fingerprint.get("face_resize") == "squash":
             if self._frame_sizes is None:
-                manifest = self._store.manifest
-                self._frame_sizes = manifest[["width", "height"]].to_numpy()
+                sizes = self._store.clip_table(["width", "height"])
+                self._frame_sizes = sizes.to_numpy()
             width, height = (int(v) for v in self._frame_sizes[row])
             if width > 0 and height > 0:  # else unknown (a store built from arrays)
                 boxes = np.asarray(self._store.face_boxes[row])[segment, frame]

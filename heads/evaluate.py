@@ -231,7 +231,7 @@ def predict_cache(model, store, split: str, *, pixels: bool | None = None, batch
     ``pixels`` (default: whether the model's image encoder was fine-tuned; pass True for a
     finetune run) re-encodes the stored crops, refused without them; otherwise cached
     features are read, which must come from the model's CLIP."""
-    manifest = store.manifest
+    manifest = store.clip_table(["id", "label", "split", "status"])
     rows = np.flatnonzero((manifest["split"] == split).to_numpy()
                           & (manifest["status"] == "ok").to_numpy())
     pixels = bool(model.image_encoder_trained) if pixels is None else pixels

@@ -65,7 +65,7 @@ class StoredCrops(TrainingInputs):
                             f"them; build the cache with `python cli.py extract ... --pixels`")
         self.store, self.splits = store, splits
         self.train_data = PixelClips(config.cache, splits.train,
-                                     store.manifest["label"].to_numpy()[splits.train], train=True,
+                                     store.clip_table(["label"])["label"].to_numpy()[splits.train], train=True,
                                      seed=seed, candidates=int(store.fingerprint["candidates"]),
                                      augment=config.augment)
 
@@ -82,7 +82,7 @@ class StoredCrops(TrainingInputs):
             probs = torch.from_numpy(predict_rows(model, self.store, self.splits.val, pixels=True,
                                                   batch_size=config.batch_size, device=device,
                                                   progress=not config.quiet))
-        y = torch.as_tensor(self.store.manifest["label"].to_numpy()[self.splits.val])
+        y = torch.as_tensor(self.store.clip_table(["label"])["label"].to_numpy()[self.splits.val])
         return probs.clamp_min(1e-12).log(), y
 
 

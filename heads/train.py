@@ -141,7 +141,8 @@ def setup(config: TrainConfig, seed: int, run_dir: Path) -> Training:
                         f"them; build the cache with `python cli.py extract ... --pixels`")
     from cache.verify import refuse_pending
 
-    manifest = store.manifest
+    # What training needs; the other per-clip columns cost a chunk file a clip to read.
+    manifest = store.clip_table(["label", "split", "status"])
     refuse_pending(store, np.flatnonzero(manifest["split"].astype(str).str.lower()
                                          .isin(["train", "val"]).to_numpy()),
                    "train and val", config.allow_pending)

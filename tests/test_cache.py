@@ -172,3 +172,51 @@ time.sleep(60)
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_clip_table_is_the_manifests_columns_reading_only_their_arrays(tmp_path, suffix):
+    """clip_table(columns) equals those columns of the manifest (annotation columns too, one
+    of them named like a manifest column), and reads no other array: a damaged chunk of
+    clips/note stops the manifest but not a table without the note."""
+    from cache.hdf5 import export_hdf5
+    from cache.store import StoreDamaged
+
+    fp = make_fingerprint(clip_spec="random:tiny", clip_revision="r", feature_dim=8,
+                          image_size=224, segments=4, candidates=1, flip=False, pixels=False,
+                          normalize="clip", face_model="full", face_margin=20,
+                          min_face_score=0.5, face_resize="squash", face_boxes=None,
+                          labels=RAER5)
+    rows = [ClipRow(f"c{i}", f"/v/c{i}.mp4", i % 5, "train" if i < 4 else "test",
+                    {"scene": f"s{i % 2}", "status": "annotated"}) for i in range(6)]
+    path = tmp_path / "s.zarr"
+    create_zarr(path, fp, rows, ["scene", "status"])
+    writer = StoreWriter(path)
+    face = np.zeros((4, 1, 8), np.float16)
+    for i in range(6):
+        writer.write_clip(i, ClipResult("failed", reason="unreadable") if i == 2 else ClipResult(
+            "ok", n_frames=30 + i, fps=25.0, width=640, height=480, note=f"note {i}",
+            frame_index=np.zeros((4, 1), np.int32), box=np.zeros((4, 1, 4), np.float32),
+            score=np.ones((4, 1), np.float32), found=np.ones((4, 1), bool),
+            features={"face": face, "context": face}))
+    writer.close()
+    if suffix == ".h5":
+        export_hdf5(path, tmp_path / "s.h5")
+        path = tmp_path / "s.h5"
+    store = open_store(path)
+    manifest = store.manifest
+    assert list(manifest["status"]) == ["ok", "ok", "failed", "ok", "ok", "ok"]  # the clip's
+    for columns in (["id", "label", "split", "status"], ["label"], ["scene", "n_frames"],
+                    ["note", "listed_frames", "label_name", "path", "fps"]):
+        table = open_store(path).clip_table(columns)
+        assert list(table.columns) == columns
+        assert table.equals(manifest[columns]), columns
+    assert open_store(path).clip_table().equals(manifest)
+    with pytest.raises(StoreError, match="no manifest column 'colour'"):
+        store.clip_table(["label", "colour"])
+    if suffix == ".zarr":
+        (path / "clips" / "note" / "c" / "3").unlink()  # a lost chunk of an ok clip
+        with pytest.raises(StoreDamaged, match="clips/note"):
+            open_store(path).manifest
+        table = open_store(path).clip_table(["id", "label", "split", "status"])
+        assert table.equals(manifest[["id", "label", "split", "status"]])
