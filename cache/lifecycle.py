@@ -267,7 +267,7 @@ def check_compatible(store, fp: dict, rows: list[ClipRow], cache: str,
         raise StoreError(f"{cache} was built with other options: "
                          f"{describe_mismatch(store.fingerprint, fp, differ)}; use the store's "
                          f"options or another --cache")
-    manifest = store.manifest
+    manifest = store.clip_table(["id", "path", "label", "split", "status"])
     known = {r.id: (i, (r.path, int(r.label), r.split), r.status)
              for i, r in enumerate(manifest.itertuples())}
     new, updates = [], {}

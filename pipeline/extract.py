@@ -176,7 +176,7 @@ def _extract_locked(cfg: ExtractConfig, d: Dist, session: WriteSession,
         d.close()
 
     store = open_store(session.path)
-    manifest = store.manifest
+    manifest = store.clip_table(["id", "status", "reason"])  # the summary's columns only
     store.close()
     failed = manifest[manifest.status == "failed"]
     boxes = box_lines(session.path, face_file, body_file, matched) if d.rank == 0 else []
@@ -214,7 +214,7 @@ def _run_share(cfg: ExtractConfig, d: Dist, writer: StoreWriter, clip, encoder: 
     fallback_root = os.path.abspath(cfg.root) if cfg.root is not None else None
     pending = np.flatnonzero(writer.status == 0)
     mine = pending[d.rank::d.world]
-    manifest = writer.manifest
+    manifest = writer.clip_table(["id", "path", "label", "split", "listed_frames"])
     log.info("extract: %d clips in %s, %d to do%s (device %s, precision %s)",
              writer.n_clips, cfg.cache, len(pending),
              f", {len(mine)} on rank {d.rank}" if d.world > 1 else "", device, precision)
