@@ -68,12 +68,10 @@ def required_fingerprint(run_config: dict) -> dict:
     """
     wanted = {k: v for k, v in (run_config.get("preprocessing") or {}).items()
               if k in FINGERPRINT_OPTIONS}
-    from heads.run import PREPROCESSING_KEYS
+    from heads.run import PREPROCESSING_KEYS, recorded_choices
 
-    trained_on = run_config.get("cache_fingerprint") or {}
-    for k in PREPROCESSING_KEYS:  # as heads.predict.run_preprocessing fills them in: a choice
-        if k in FINGERPRINT_DEFAULTS:  # the run predates was made as stores then made it
-            wanted.setdefault(k, trained_on.get(k, FINGERPRINT_DEFAULTS[k]))
+    wanted.update({k: v for k, v in recorded_choices(run_config).items()
+                   if k in PREPROCESSING_KEYS})  # as predict cuts the run's clips
     wanted["labels"] = _class_names(run_config.get("labels"))
     if reencodes_crops(run_config):
         wanted["pixels"] = True
@@ -160,8 +158,9 @@ def extract_command(run_config: dict, run_dir: str | Path, split: str = "test") 
     preset = PRESETS["original"]
     keys = ["segments", "normalize", "face_resize", "face_margin", "face_model",
             "min_face_score"]
-    for k, v in FINGERPRINT_DEFAULTS.items():  # a choice the run predates: the default then
-        fp.setdefault(k, v)
+    from heads.run import recorded_choices
+
+    fp.update(recorded_choices(run_config))
     if all(fp.get(k) == v for k, v in preset.items()):
         args += ["--preset", "original"]
         keys = [k for k in keys if k not in preset]

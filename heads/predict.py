@@ -75,16 +75,14 @@ def run_preprocessing(run_config: dict, image_size: int) -> dict:
     values["segments"] = int(prep.get("segments", head.get("segments", 16)))
     values["image_size"] = int(prep.get("image_size", image_size))
     values["normalize"] = prep.get("normalize", "clip")
+    from heads.run import recorded_choices
     from pipeline.config import PRESETS
 
-    from cache.fingerprint import FINGERPRINT_DEFAULTS
-
-    # The crop choices (extract --preset and its options); frames are the clip's as found. A
-    # choice the run does not record was made before it existed: the fingerprint's default.
-    for key, default in PRESETS["caer"].items():
+    # The crop choices (extract --preset and its options); frames are the clip's as found.
+    choices = recorded_choices(run_config)
+    for key in PRESETS["caer"]:
         if key not in ("normalize", "frame_count"):
-            default = FINGERPRINT_DEFAULTS.get(key, default)
-            values[key] = prep.get(key, trained_on.get(key, default))
+            values[key] = choices[key]
     if trained_on.get("face_boxes"):
         log.warning("the run was trained on faces from a --face-boxes file; predict finds faces "
                     "with the %s-range detector instead", values["face_model"])

@@ -61,6 +61,17 @@ PREPROCESSING_KEYS = ("normalize", "face_resize", "face_margin", "segments", "im
 _IMAGE_ENCODER = ("clip.vision_model.", "clip.visual_projection.")
 
 
+def recorded_choices(run_config: dict) -> dict:
+    """extract's preprocessing choices (the keys of FINGERPRINT_DEFAULTS) the run was trained
+    with: its ``preprocessing``, else its cache fingerprint, else, for a choice the run
+    predates, the value every store had before that choice existed."""
+    from cache.fingerprint import FINGERPRINT_DEFAULTS
+
+    prep = run_config.get("preprocessing") or {}
+    trained_on = run_config.get("cache_fingerprint") or {}
+    return {k: prep.get(k, trained_on.get(k, v)) for k, v in FINGERPRINT_DEFAULTS.items()}
+
+
 _WEIGHTS_ADVICE = ("train again (with lower learning rates if it diverged) or restore the run "
                    "from a copy")
 
